@@ -1,0 +1,56 @@
+"""usage-callbacks: token usage, cost and budgets for LangChain and LlamaIndex applications.
+
+Framework integrations live in ``usage_callbacks.langchain`` and
+``usage_callbacks.llamaindex``; importing this package never imports a framework.
+"""
+
+from usage_callbacks.budgets import Budget, BudgetExceededError, BudgetWarning
+from usage_callbacks.pricing import ModelPrice, PriceTable, calculate_cost, price
+from usage_callbacks.sessions import UsageSession, active_sessions
+from usage_callbacks.store import (
+    GroupSummary,
+    SchemaTooNewError,
+    StoreConfigurationError,
+    TokenStats,
+    UsageFilter,
+    UsageRecord,
+    UsageSummary,
+)
+from usage_callbacks.store.ledger import BudgetStatus
+from usage_callbacks.tokens import (
+    EncodingUnavailableError,
+    count_message_tokens,
+    count_text_tokens,
+)
+from usage_callbacks.tracker import Reservation, UsageExporter, UsageTracker
+from usage_callbacks.usage import TokenUsage, normalize_usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget",
+    "BudgetExceededError",
+    "BudgetStatus",
+    "BudgetWarning",
+    "EncodingUnavailableError",
+    "GroupSummary",
+    "ModelPrice",
+    "PriceTable",
+    "Reservation",
+    "SchemaTooNewError",
+    "StoreConfigurationError",
+    "TokenStats",
+    "TokenUsage",
+    "UsageExporter",
+    "UsageFilter",
+    "UsageRecord",
+    "UsageSession",
+    "UsageSummary",
+    "UsageTracker",
+    "active_sessions",
+    "calculate_cost",
+    "count_message_tokens",
+    "count_text_tokens",
+    "normalize_usage",
+    "price",
+]

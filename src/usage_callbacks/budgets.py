@@ -1,0 +1,200 @@
+"""Budgets: what may be spent, by whom, over which period; and the error raised before."""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Scope = Literal["global", "user", "session", "model"]
+Period = Literal["minute", "hour", "day", "week", "month"]
+
+#: Far enough to never roll over, early enough for every database's timestamp type.
+_FOREVER_START = datetime(2000, 1, 1, tzinfo=timezone.utc)
+_FOREVER_END = datetime(9999, 1, 1, tzinfo=timezone.utc)
+_PERIOD_WORDS = {
+    "minute": "this minute",
+    "hour": "this hour",
+    "day": "today",
+    "week": "this week",
+    "month": "this month",
+}
+ANONYMOUS = "(none)"
+
+
+@dataclass(frozen=True)
+class CallScope:
+    """Who and what a call is, as budgets see it."""
+
+    user_id: str | None = None
+    session_id: str | None = None
+    session_ids: tuple[str, ...] = ()
+    model: str | None = None
+
+
+class Budget(BaseModel):
+    """A spending limit in USD, tokens or both, per scope and calendar period (UTC)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    limit_usd: Decimal | None = Field(default=None, gt=0)
+    limit_tokens: int | None = Field(default=None, gt=0)
+    per: Scope = "global"
+    period: Period | timedelta | None = None
+    name: str | None = None
+    warn_at: float | None = Field(default=None, gt=0, lt=1)
+    on_exceed: Literal["raise", "warn"] = "raise"
+    on_warning: Callable[[BudgetWarning], Any] | None = Field(default=None, exclude=True)
+    #: Set for a session's own budget: applies only while that session is active.
+    session_only: str | None = Field(default=None, exclude=True)
+
+    def __init__(
+        self,
+        limit_usd: Decimal | float | str | None = None,
+        limit_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(limit_usd, float):
+            limit_usd = Decimal(str(limit_usd))
+        super().__init__(limit_usd=limit_usd, limit_tokens=limit_tokens, **kwargs)
+
+    @model_validator(mode="after")
+    def _check(self) -> Budget:
+        if self.limit_usd is None and self.limit_tokens is None:
+            raise ValueError(
+                "a Budget needs a limit: Budget(limit_usd=5) or Budget(limit_tokens=100_000) "
+                "(or both)"
+            )
+        if isinstance(self.period, timedelta) and self.period <= timedelta(0):
+            raise ValueError("a rolling period must be positive, e.g. period=timedelta(hours=1)")
+        if self.session_only is not None and self.per != "session":
+            raise ValueError("session_only budgets must have per='session'")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        limits = []
+        if self.limit_usd is not None:
+            limits.append(f"${self.limit_usd}")
+        if self.limit_tokens is not None:
+            limits.append(f"{self.limit_tokens}tok")
+        period = self.period if isinstance(self.period, str) else (
+            f"rolling{int(self.period.total_seconds())}s" if self.period else "ever"
+        )
+        scope = f"session:{self.session_only}" if self.session_only else self.per
+        return f"{scope}/{period}/{'+'.join(limits)}"
+
+    def scope_key(self, call: CallScope) -> str | None:
+        """The bucket this call spends from, or None when the budget does not apply."""
+        if self.session_only is not None:
+            return self.session_only if self.session_only in call.session_ids else None
+        if self.per == "global":
+            return "*"
+        value = {"user": call.user_id, "session": call.session_id, "model": call.model}[self.per]
+        return value if value else ANONYMOUS
+
+    def window(self, now: datetime) -> tuple[datetime, datetime]:
+        """The current period: calendar periods in UTC, or a rolling window ending now."""
+        now = now.astimezone(timezone.utc)
+        if self.period is None:
+            return _FOREVER_START, _FOREVER_END
+        if isinstance(self.period, timedelta):
+            return now - self.period, now
+        if self.period == "minute":
+            start = now.replace(second=0, microsecond=0)
+            return start, start + timedelta(minutes=1)
+        if self.period == "hour":
+            start = now.replace(minute=0, second=0, microsecond=0)
+            return start, start + timedelta(hours=1)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.period == "day":
+            return day, day + timedelta(days=1)
+        if self.period == "week":
+            start = day - timedelta(days=day.weekday())
+            return start, start + timedelta(days=7)
+        start = day.replace(day=1)
+        days = calendar.monthrange(start.year, start.month)[1]
+        return start, start + timedelta(days=days)
+
+    @property
+    def is_rolling(self) -> bool:
+        return isinstance(self.period, timedelta)
+
+    def period_words(self) -> str:
+        if isinstance(self.period, str):
+            return _PERIOD_WORDS[self.period]
+        if self.period is None:
+            return "in total"
+        return f"in the last {self.period}"
+
+
+@dataclass(frozen=True)
+class BudgetWarning:
+    """Passed to ``on_warning`` when spend first crosses ``warn_at`` in a period."""
+
+    budget: Budget
+    key: str
+    spent_usd: Decimal
+    spent_tokens: int
+    period_start: datetime
+    period_end: datetime
+
+
+class BudgetExceededError(Exception):
+    """Raised before the provider is called when a call could exceed a budget."""
+
+    def __init__(
+        self,
+        *,
+        budget: Budget,
+        key: str,
+        unit: Literal["usd", "tokens"],
+        limit: Decimal | int,
+        spent: Decimal | int,
+        requested: Decimal | int,
+        period_start: datetime,
+        period_end: datetime,
+    ) -> None:
+        self.budget = budget
+        self.key = key
+        self.unit = unit
+        self.limit = limit
+        self.spent = spent
+        self.requested = requested
+        self.period_start = period_start
+        self.period_end = period_end
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        def amount(value: Decimal | int) -> str:
+            if self.unit == "usd":
+                return f"${Decimal(value).quantize(Decimal('0.01')) if value >= Decimal('0.01') or value == 0 else Decimal(value).normalize()}"
+            return f"{int(value):,} tokens"
+
+        who = "global" if self.budget.per == "global" else f"{self.budget.per} {self.key}"
+        if self.budget.session_only:
+            who = f"session {self.key}"
+        text = (
+            f"{who}: {amount(self.spent)} of {amount(self.limit)} spent "
+            f"{self.budget.period_words()}; this call needs up to {amount(self.requested)}"
+        )
+        if self.budget.period is not None and not self.budget.is_rolling:
+            text += f"; resets {self.period_end.strftime('%Y-%m-%dT%H:%MZ')}"
+        return f"{text} [budget {self.budget.label}]"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across process pools
+        return (_rebuild_error, (self.__dict__.copy(),))
+
+
+def _rebuild_error(state: dict[str, Any]) -> BudgetExceededError:
+    error = BudgetExceededError.__new__(BudgetExceededError)
+    error.__dict__.update(state)
+    Exception.__init__(error, error._message())
+    return error

@@ -1,0 +1,1 @@
+"""Exporters receive every record as it is made: a log line, OpenTelemetry metrics."""

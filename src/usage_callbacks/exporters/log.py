@@ -1,0 +1,30 @@
+"""One INFO line per tracked call on the ``usage_callbacks`` logger."""
+
+from __future__ import annotations
+
+import logging
+
+from usage_callbacks.store.models import UsageRecord
+
+
+class LogExporter:
+    """``Token usage: prompt=1234, completion=567, total=1801, embedding=0, model=..., cost=$...``"""
+
+    def __init__(self, logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
+        self.logger = logger or logging.getLogger("usage_callbacks")
+        self.level = level
+
+    def export(self, record: UsageRecord) -> None:
+        if not self.logger.isEnabledFor(self.level):
+            return
+        self.logger.log(
+            self.level,
+            "Token usage: prompt=%d, completion=%d, total=%d, embedding=%d, model=%s, cost=$%s%s",
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.total_tokens,
+            record.embedding_tokens,
+            record.model or "unknown",
+            f"{record.cost_estimate_usd:.6f}",
+            " (estimated)" if record.estimated else "",
+        )

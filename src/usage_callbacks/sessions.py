@@ -1,0 +1,201 @@
+"""Usage sessions: running totals for every call made inside a ``with`` block.
+
+The active sessions live in a contextvar, so they follow asyncio tasks and
+``contextvars.copy_context()``; a plain thread pool does not copy context, which is what
+``UsageSession.bind`` is for. Framework integrations register a hook that is entered
+with the first session, so calls made with no handler passed are still tracked.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import importlib.util
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from decimal import Decimal
+from types import TracebackType
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+from usage_callbacks.usage import TokenUsage, logger
+
+if TYPE_CHECKING:
+    from usage_callbacks.store.models import UsageRecord
+    from usage_callbacks.tracker import UsageTracker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_active: contextvars.ContextVar[tuple[UsageSession, ...]] = contextvars.ContextVar(
+    "usage_callbacks_sessions", default=()
+)
+
+#: Integrations that capture calls made with no handler; each is imported once, lazily.
+_INTEGRATIONS = {
+    "langchain_core": "usage_callbacks.integrations.langchain",
+    "llama_index.core": "usage_callbacks.integrations.llamaindex",
+}
+_integrations_loaded = False
+_integrations_lock = threading.Lock()
+
+SessionHook = Callable[[], AbstractContextManager[object]]
+_hooks: list[SessionHook] = []
+
+
+def register_session_hook(hook: SessionHook) -> None:
+    """Called by an integration at import: ``hook()`` is entered with every session."""
+    if hook not in _hooks:
+        _hooks.append(hook)
+
+
+def _load_integrations() -> None:
+    global _integrations_loaded
+    if _integrations_loaded:
+        return
+    with _integrations_lock:
+        if _integrations_loaded:
+            return
+        for framework, module in _INTEGRATIONS.items():
+            try:
+                available = importlib.util.find_spec(framework) is not None
+            except ModuleNotFoundError:
+                available = False
+            if available:
+                try:
+                    importlib.import_module(module)
+                except Exception:  # a broken framework install must not break sessions
+                    logger.warning("could not load %s; its calls are not captured by "
+                                   "sessions", module, exc_info=True)
+        _integrations_loaded = True
+
+
+def active_sessions() -> tuple[UsageSession, ...]:
+    """The sessions open in this context, outermost first."""
+    return _active.get()
+
+
+class UsageSession:
+    """Totals of the calls made while it is open; nested sessions all accumulate."""
+
+    def __init__(
+        self,
+        tracker: UsageTracker,
+        name: str | None = None,
+        *,
+        user_id: str | None = None,
+        tags: list[str] | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.session_id = name or uuid.uuid4().hex
+        self.user_id = user_id
+        self.tags = list(tags or [])
+        self._lock = threading.Lock()
+        self._usage = TokenUsage()
+        self._by_model: dict[str, TokenUsage] = {}
+        self._calls = 0
+        self._tokens: list[contextvars.Token[tuple[UsageSession, ...]]] = []
+        self._hook_exits: list[list[AbstractContextManager[object]]] = []
+
+    @property
+    def name(self) -> str:
+        return self.session_id
+
+    @property
+    def usage(self) -> TokenUsage:
+        with self._lock:
+            return self._usage
+
+    @property
+    def by_model(self) -> dict[str, TokenUsage]:
+        with self._lock:
+            return dict(self._by_model)
+
+    @property
+    def calls(self) -> int:
+        with self._lock:
+            return self._calls
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return self.usage.cost_estimate_usd
+
+    def add(self, record: UsageRecord) -> None:
+        """Count a record made inside this session (called by the tracker)."""
+        usage = record.usage
+        model = record.model or "unknown"
+        with self._lock:
+            self._usage = self._usage + usage
+            self._by_model[model] = self._by_model.get(model, TokenUsage()) + usage
+            self._calls += 1
+
+    # ------------------------------------------------------------------ context
+
+    def __enter__(self) -> UsageSession:
+        _load_integrations()
+        self._tokens.append(_active.set((*_active.get(), self)))
+        entered = []
+        for hook in _hooks:
+            manager = hook()
+            manager.__enter__()
+            entered.append(manager)
+        self._hook_exits.append(entered)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for manager in reversed(self._hook_exits.pop()):
+            manager.__exit__(None, None, None)
+        _active.reset(self._tokens.pop())
+        self.tracker.forget_session(self)
+
+    async def __aenter__(self) -> UsageSession:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, traceback)
+
+    def bind(self, function: Callable[P, R]) -> Callable[P, R]:
+        """``pool.submit(session.bind(work), ...)``: run ``work`` with this session active.
+
+        Thread pools do not inherit context variables, so without this a worker's calls
+        escape the session. The current context (with any outer sessions) is carried too.
+        """
+        context = contextvars.copy_context()
+        inside = self in context.get(_active, ())
+
+        @functools.wraps(function)
+        def bound(*args: P.args, **kwargs: P.kwargs) -> R:
+            def run() -> R:
+                if inside:
+                    return function(*args, **kwargs)
+                with self:
+                    return function(*args, **kwargs)
+
+            return context.copy().run(run)
+
+        return bound
+
+    def __repr__(self) -> str:
+        usage = self.usage
+        return (
+            f"UsageSession({self.session_id!r}, calls={self.calls}, "
+            f"total_tokens={usage.total}, cost_usd={usage.cost_estimate_usd})"
+        )
+
+
+def iter_sessions_of(tracker: UsageTracker) -> Iterator[UsageSession]:
+    for session in _active.get():
+        if session.tracker is tracker:
+            yield session

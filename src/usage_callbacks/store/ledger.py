@@ -1,0 +1,368 @@
+"""The budget ledger: spend counters and reservation holds, atomic across processes.
+
+Each check-and-hold runs in one transaction that owns the budgets it touches: SQLite
+takes the write lock up front (``BEGIN IMMEDIATE``); PostgreSQL takes a transaction
+advisory lock per (budget, scope key), in sorted order so that workers never deadlock.
+Spend lives in counters bucketed by period start (rolling windows use 60 buckets per
+window and count a partly expired bucket whole, so they err towards refusing). Holds
+carry an expiry so a crashed process cannot pin a budget forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Field, SQLModel
+
+from usage_callbacks.budgets import Budget, BudgetExceededError, BudgetWarning
+from usage_callbacks.store.models import UTCDateTime, pico_to_usd, usd_to_pico
+
+logger = logging.getLogger("usage_callbacks")
+
+
+class BudgetCounter(SQLModel, table=True):
+    """Spend booked against one budget, scope key and period bucket."""
+
+    __tablename__: ClassVar[str] = "budget_counters"  # type: ignore[misc]
+
+    budget: str = Field(primary_key=True, max_length=256)
+    scope_key: str = Field(primary_key=True, max_length=256)
+    bucket_start: datetime = Field(primary_key=True, sa_type=UTCDateTime)
+    spent_pico: int = Field(default=0, sa_type=sa.BigInteger)
+    spent_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    warned: bool = False
+
+
+class BudgetHold(SQLModel, table=True):
+    """Money and tokens reserved by a call in flight."""
+
+    __tablename__: ClassVar[str] = "budget_holds"  # type: ignore[misc]
+    __table_args__ = (sa.Index("ix_budget_holds_scope", "budget", "scope_key", "expires_at"),)
+
+    reservation_id: str = Field(primary_key=True, max_length=32)
+    budget: str = Field(primary_key=True, max_length=256)
+    scope_key: str = Field(primary_key=True, max_length=256)
+    pico: int = Field(default=0, sa_type=sa.BigInteger)
+    tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+
+
+_counters = BudgetCounter.__table__  # type: ignore[attr-defined]
+_holds = BudgetHold.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One budget bucket a call spends from."""
+
+    budget: Budget
+    key: str
+
+    @property
+    def lock_id(self) -> int:
+        digest = hashlib.blake2b(f"{self.budget.label}\0{self.key}".encode(), digest_size=8)
+        return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    budget: Budget
+    key: str
+    period_start: datetime
+    period_end: datetime
+    spent_usd: Decimal
+    spent_tokens: int
+    reserved_usd: Decimal
+    reserved_tokens: int
+
+    @property
+    def remaining_usd(self) -> Decimal | None:
+        if self.budget.limit_usd is None:
+            return None
+        return self.budget.limit_usd - self.spent_usd - self.reserved_usd
+
+    @property
+    def remaining_tokens(self) -> int | None:
+        if self.budget.limit_tokens is None:
+            return None
+        return self.budget.limit_tokens - self.spent_tokens - self.reserved_tokens
+
+
+def _bucket(budget: Budget, now: datetime) -> datetime:
+    """The counter row a spend at ``now`` is booked into."""
+    start, _ = budget.window(now)
+    if not budget.is_rolling:
+        return start
+    assert isinstance(budget.period, timedelta)
+    width = max(budget.period / 60, timedelta(seconds=1))
+    epoch = datetime(2000, 1, 1, tzinfo=now.tzinfo)
+    return epoch + ((now - epoch) // width) * width
+
+
+def _first_bucket(budget: Budget, now: datetime) -> datetime:
+    start, _ = budget.window(now)
+    return _bucket(budget, start) if budget.is_rolling else start
+
+
+class BudgetLedger:
+    """Reserve, settle and release against budgets kept in the tracker's database."""
+
+    def __init__(self, engine: Engine, lock: AbstractContextManager[object] | None = None) -> None:
+        self.engine = engine
+        self._guard = lock or nullcontext()
+        self.dialect = engine.dialect.name
+        SQLModel.metadata.create_all(engine, tables=[_counters, _holds])
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._insert = insert
+
+    def _begin(self, connection: Connection) -> None:
+        """Start the transaction that owns the budget rows touched next."""
+        if self.dialect == "sqlite":
+            connection.info["begin_mode"] = "IMMEDIATE"
+
+    def _lock(self, connection: Connection, charges: Sequence[Charge]) -> None:
+        if self.dialect == "postgresql":
+            for lock_id in sorted({charge.lock_id for charge in charges}):
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
+
+    def _used(self, connection: Connection, charge: Charge, now: datetime) -> tuple[int, int, int, int]:
+        """Spent pico, spent tokens, held pico, held tokens for one charge right now."""
+        label = charge.budget.label
+        spent = connection.execute(
+            sa.select(
+                sa.func.coalesce(sa.func.sum(_counters.c.spent_pico), 0),
+                sa.func.coalesce(sa.func.sum(_counters.c.spent_tokens), 0),
+            ).where(
+                _counters.c.budget == label,
+                _counters.c.scope_key == charge.key,
+                _counters.c.bucket_start >= _first_bucket(charge.budget, now),
+                _counters.c.bucket_start < charge.budget.window(now)[1] + timedelta(seconds=1),
+            )
+        ).one()
+        held = connection.execute(
+            sa.select(
+                sa.func.coalesce(sa.func.sum(_holds.c.pico), 0),
+                sa.func.coalesce(sa.func.sum(_holds.c.tokens), 0),
+            ).where(
+                _holds.c.budget == label,
+                _holds.c.scope_key == charge.key,
+                _holds.c.expires_at > now,
+            )
+        ).one()
+        return int(spent[0]), int(spent[1]), int(held[0]), int(held[1])
+
+    def reserve(
+        self,
+        reservation_id: str,
+        charges: Sequence[Charge],
+        usd: Decimal,
+        tokens: int,
+        now: datetime,
+        ttl: timedelta,
+    ) -> None:
+        """Hold ``usd``/``tokens`` on every charge, or on none and raise."""
+        pico = usd_to_pico(usd)
+        warnings: list[BudgetExceededError] = []
+        with self._guard, self.engine.connect() as connection:
+            self._begin(connection)
+            with connection.begin():
+                self._lock(connection, charges)
+                for charge in charges:
+                    error = self._check(connection, charge, pico, tokens, now)
+                    if error is None:
+                        continue
+                    if charge.budget.on_exceed == "raise":
+                        raise error
+                    warnings.append(error)
+                rows = [
+                    {
+                        "reservation_id": reservation_id,
+                        "budget": charge.budget.label,
+                        "scope_key": charge.key,
+                        "pico": pico,
+                        "tokens": tokens,
+                        "expires_at": now + ttl,
+                    }
+                    for charge in _unique(charges)
+                ]
+                if rows:
+                    connection.execute(self._insert(_holds).on_conflict_do_nothing(), rows)
+        for error in warnings:
+            logger.warning("budget exceeded (on_exceed='warn'): %s", error)
+
+    def _check(
+        self, connection: Connection, charge: Charge, pico: int, tokens: int, now: datetime
+    ) -> BudgetExceededError | None:
+        budget = charge.budget
+        spent_pico, spent_tokens, held_pico, held_tokens = self._used(connection, charge, now)
+        start, end = budget.window(now)
+        if budget.limit_usd is not None and spent_pico + held_pico + pico > usd_to_pico(
+            budget.limit_usd
+        ):
+            return BudgetExceededError(
+                budget=budget,
+                key=charge.key,
+                unit="usd",
+                limit=budget.limit_usd,
+                spent=pico_to_usd(spent_pico + held_pico),
+                requested=pico_to_usd(pico),
+                period_start=start,
+                period_end=end,
+            )
+        if budget.limit_tokens is not None and spent_tokens + held_tokens + tokens > budget.limit_tokens:
+            return BudgetExceededError(
+                budget=budget,
+                key=charge.key,
+                unit="tokens",
+                limit=budget.limit_tokens,
+                spent=spent_tokens + held_tokens,
+                requested=tokens,
+                period_start=start,
+                period_end=end,
+            )
+        return None
+
+    def settle(
+        self,
+        reservation_id: str | None,
+        charges: Sequence[Charge],
+        usd: Decimal,
+        tokens: int,
+        now: datetime,
+    ) -> list[BudgetWarning]:
+        """Book the actual spend and drop the call's holds, in one transaction."""
+        pico = usd_to_pico(usd)
+        crossed: list[BudgetWarning] = []
+        with self._guard, self.engine.connect() as connection:
+            self._begin(connection)
+            with connection.begin():
+                self._lock(connection, charges)
+                if reservation_id is not None:
+                    connection.execute(
+                        sa.delete(_holds).where(_holds.c.reservation_id == reservation_id)
+                    )
+                for charge in _unique(charges):
+                    bucket = _bucket(charge.budget, now)
+                    upsert = self._insert(_counters).values(
+                        budget=charge.budget.label,
+                        scope_key=charge.key,
+                        bucket_start=bucket,
+                        spent_pico=pico,
+                        spent_tokens=tokens,
+                        warned=False,
+                    )
+                    connection.execute(
+                        upsert.on_conflict_do_update(
+                            index_elements=["budget", "scope_key", "bucket_start"],
+                            set_={
+                                "spent_pico": _counters.c.spent_pico + pico,
+                                "spent_tokens": _counters.c.spent_tokens + tokens,
+                            },
+                        )
+                    )
+                    warning = self._crossed_warning(connection, charge, bucket, now)
+                    if warning is not None:
+                        crossed.append(warning)
+        return crossed
+
+    def _crossed_warning(
+        self, connection: Connection, charge: Charge, bucket: datetime, now: datetime
+    ) -> BudgetWarning | None:
+        budget = charge.budget
+        if budget.warn_at is None:
+            return None
+        spent_pico, spent_tokens, _, _ = self._used(connection, charge, now)
+        over_usd = budget.limit_usd is not None and spent_pico >= usd_to_pico(
+            budget.limit_usd * Decimal(str(budget.warn_at))
+        )
+        over_tokens = budget.limit_tokens is not None and spent_tokens >= budget.limit_tokens * budget.warn_at
+        if not (over_usd or over_tokens):
+            return None
+        start, end = budget.window(now)
+        # warn once per period: the first bucket of the window carries the flag
+        already_warned = connection.execute(
+            sa.select(sa.func.count()).where(
+                _counters.c.budget == budget.label,
+                _counters.c.scope_key == charge.key,
+                _counters.c.bucket_start >= _first_bucket(budget, now),
+                _counters.c.warned.is_(True),
+            )
+        ).scalar_one()
+        if already_warned:
+            return None
+        connection.execute(
+            sa.update(_counters)
+            .where(
+                _counters.c.budget == budget.label,
+                _counters.c.scope_key == charge.key,
+                _counters.c.bucket_start == bucket,
+            )
+            .values(warned=True)
+        )
+        return BudgetWarning(
+            budget=budget,
+            key=charge.key,
+            spent_usd=pico_to_usd(spent_pico),
+            spent_tokens=spent_tokens,
+            period_start=start,
+            period_end=end,
+        )
+
+    def release(self, reservation_id: str) -> None:
+        with self._guard, self.engine.begin() as connection:
+            connection.execute(sa.delete(_holds).where(_holds.c.reservation_id == reservation_id))
+
+    def status(self, charges: Sequence[Charge], now: datetime) -> list[BudgetStatus]:
+        result = []
+        with self._guard, self.engine.connect() as connection:
+            for charge in charges:
+                spent_pico, spent_tokens, held_pico, held_tokens = self._used(connection, charge, now)
+                start, end = charge.budget.window(now)
+                result.append(
+                    BudgetStatus(
+                        budget=charge.budget,
+                        key=charge.key,
+                        period_start=start,
+                        period_end=end,
+                        spent_usd=pico_to_usd(spent_pico),
+                        spent_tokens=spent_tokens,
+                        reserved_usd=pico_to_usd(held_pico),
+                        reserved_tokens=held_tokens,
+                    )
+                )
+        return result
+
+    def scope_keys(self, budget: Budget, now: datetime) -> list[str]:
+        """Every scope key with spend or holds in the budget's current period."""
+        with self._guard, self.engine.connect() as connection:
+            spent = connection.execute(
+                sa.select(_counters.c.scope_key)
+                .where(
+                    _counters.c.budget == budget.label,
+                    _counters.c.bucket_start >= _first_bucket(budget, now),
+                )
+                .distinct()
+            ).scalars()
+            held = connection.execute(
+                sa.select(_holds.c.scope_key)
+                .where(_holds.c.budget == budget.label, _holds.c.expires_at > now)
+                .distinct()
+            ).scalars()
+            return sorted(set(spent) | set(held))
+
+
+def _unique(charges: Sequence[Charge]) -> list[Charge]:
+    seen: dict[tuple[str, str], Charge] = {}
+    for charge in charges:
+        seen.setdefault((charge.budget.label, charge.key), charge)
+    return list(seen.values())

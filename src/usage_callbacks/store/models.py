@@ -1,0 +1,140 @@
+"""SQLModel tables: the usage ledger and the schema version.
+
+Costs are stored as integer pico-USD (10^-12 USD) so that sums are exact on SQLite,
+which has no decimal type; they come back as ``Decimal`` USD.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from usage_callbacks.usage import TokenUsage
+
+PICO = Decimal(10) ** 12
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def usd_to_pico(value: Decimal) -> int:
+    return int((value * PICO).to_integral_value())
+
+
+def pico_to_usd(value: Any) -> Decimal:
+    return (Decimal(value or 0) / PICO).normalize() if value else Decimal(0)
+
+
+class PicoUSD(sa.TypeDecorator[Decimal]):
+    """Decimal USD in Python, BIGINT pico-USD in the database."""
+
+    impl = sa.BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: Decimal | None, dialect: sa.Dialect) -> int | None:
+        return None if value is None else usd_to_pico(Decimal(value))
+
+    def process_result_value(self, value: int | None, dialect: sa.Dialect) -> Decimal | None:
+        return None if value is None else pico_to_usd(value)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the offset)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UsageRecord(SQLModel, table=True):
+    """One tracked call: its TokenUsage plus who, what, when and how it went."""
+
+    __tablename__: ClassVar[str] = "usage_records"  # type: ignore[misc]
+    __table_args__ = (
+        sa.Index("ix_usage_records_ended_at", "ended_at"),
+        sa.Index("ix_usage_records_user_ended", "user_id", "ended_at"),
+        sa.Index("ix_usage_records_session_ended", "session_id", "ended_at"),
+        sa.Index("ix_usage_records_model_ended", "model", "ended_at"),
+        sa.Index("ix_usage_records_run_id", "run_id"),
+    )
+
+    id: str = Field(default_factory=_new_id, primary_key=True, max_length=32)
+    started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    ended_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    latency_ms: float | None = None
+    framework: str = Field(default="manual", max_length=32)
+    provider: str | None = Field(default=None, max_length=128)
+    model: str | None = Field(default=None, max_length=256)
+    call_type: str = Field(default="chat", max_length=16)
+    run_id: str | None = Field(default=None, max_length=64)
+    parent_run_id: str | None = Field(default=None, max_length=64)
+    session_id: str | None = Field(default=None, max_length=256)
+    user_id: str | None = Field(default=None, max_length=256)
+    tags: list[str] = Field(default_factory=list, sa_type=sa.JSON)
+    status: str = Field(default="ok", max_length=16)
+    error_type: str | None = Field(default=None, max_length=256)
+    cache_hit: bool = False
+    cost_known: bool = False
+
+    prompt_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    completion_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    total_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    embedding_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    cache_read_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    cache_write_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    reasoning_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    cost_estimate_usd: Decimal = Field(default=Decimal(0), sa_type=PicoUSD)
+    estimated: bool = False
+
+    @property
+    def usage(self) -> TokenUsage:
+        return TokenUsage.model_construct(
+            **{name: getattr(self, name) for name in USAGE_COLUMNS},
+        )
+
+    def row(self) -> dict[str, Any]:
+        """Column values for a bulk insert (bypasses ORM unit-of-work overhead)."""
+        return {name: getattr(self, name) for name in RECORD_COLUMNS}
+
+
+USAGE_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "embedding_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_estimate_usd",
+    "estimated",
+)
+RECORD_COLUMNS = tuple(UsageRecord.model_fields)
+
+
+class SchemaInfo(SQLModel, table=True):
+    """One row: the schema version the tables were written with."""
+
+    __tablename__: ClassVar[str] = "usage_schema"  # type: ignore[misc]
+
+    id: int = Field(default=1, primary_key=True)
+    version: int = SCHEMA_VERSION

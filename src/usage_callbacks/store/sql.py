@@ -1,0 +1,312 @@
+"""The SQLModel store: SQLite (WAL, shared by processes) or PostgreSQL (shared by hosts)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, SQLModel, select
+
+from usage_callbacks.store.base import (
+    GroupBy,
+    GroupSummary,
+    TokenStats,
+    UsageFilter,
+    UsageSummary,
+)
+from usage_callbacks.store.ledger import BudgetLedger
+from usage_callbacks.store.models import (
+    SCHEMA_VERSION,
+    SchemaInfo,
+    UsageRecord,
+    pico_to_usd,
+)
+from usage_callbacks.usage import TokenUsage
+
+logger = logging.getLogger("usage_callbacks")
+
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+_PERCENTILES = (50, 95, 99)
+
+
+class StoreConfigurationError(ValueError):
+    """The database URL cannot be used; the message says what to write instead."""
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was written by a newer usage-callbacks."""
+
+
+def create_engine_for(url: str) -> Engine:
+    """An engine tuned for the ledger: WAL + busy timeout on SQLite, pre-ping on servers."""
+    if url.startswith("memory://"):
+        # One shared in-memory connection; the store serializes access to it.
+        engine = sa.create_engine(
+            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    else:
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as error:
+            raise StoreConfigurationError(
+                f"{url!r} is not a database URL; use sqlite:///usage.db, "
+                "postgresql+psycopg://user@host/db or memory://"
+            ) from error
+        if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if parsed.get_backend_name() == "sqlite":
+            kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        try:
+            engine = sa.create_engine(parsed, **kwargs)
+        except (ImportError, sa.exc.NoSuchModuleError) as error:
+            raise StoreConfigurationError(
+                f"cannot open {url!r}: {error}. For PostgreSQL install "
+                "`usage-callbacks[postgres]` and use postgresql+psycopg://..."
+            ) from error
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's implicit transactions break BEGIN IMMEDIATE; take control of them.
+        sa.event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin(connection: sa.Connection) -> None:
+    mode = connection.info.pop("begin_mode", "")
+    connection.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+class SqlStore:
+    """UsageStore over SQLModel; safe to share between threads and processes."""
+
+    #: Serializes access where the backend cannot (the shared in-memory connection).
+    lock: AbstractContextManager[object] = nullcontext()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine_for(url)
+        self.dialect = self.engine.dialect.name
+        self._ensure_schema()
+        self.ledger = BudgetLedger(self.engine, self.lock)
+
+    # ------------------------------------------------------------------ schema
+
+    def _ensure_schema(self) -> None:
+        try:
+            SQLModel.metadata.create_all(self.engine)
+            with Session(self.engine) as session:
+                info = session.get(SchemaInfo, 1)
+                if info is None:
+                    session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+                    session.commit()
+                elif info.version > SCHEMA_VERSION:
+                    raise SchemaTooNewError(
+                        f"{self._safe_url()} holds usage-callbacks schema v{info.version}; "
+                        f"this version reads v{SCHEMA_VERSION}. Upgrade usage-callbacks."
+                    )
+        except sa.exc.IntegrityError:
+            pass  # another process wrote the version row first
+        except sa.exc.DatabaseError as error:
+            raise StoreConfigurationError(
+                f"cannot use {self._safe_url()} as a usage database: {error.orig}"
+            ) from error
+
+    def _safe_url(self) -> str:
+        if self.url.startswith("memory://"):
+            return self.url
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    # ------------------------------------------------------------------ writes
+
+    def write(self, records: Sequence[UsageRecord]) -> None:
+        if not records:
+            return
+        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = insert(table).on_conflict_do_nothing(index_elements=["id"])
+        with self.engine.begin() as connection:
+            connection.execute(statement, [record.row() for record in records])
+
+    def purge(self, before: datetime) -> int:
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                sa.delete(UsageRecord).where(
+                    UsageRecord.ended_at < before  # type: ignore[arg-type]
+                )
+            )
+            return int(result.rowcount or 0)
+
+    # ------------------------------------------------------------------ reads
+
+    def records(self, where: UsageFilter, limit: int | None = None) -> list[UsageRecord]:
+        statement = self._where(select(UsageRecord), where).order_by(
+            UsageRecord.ended_at, UsageRecord.id  # type: ignore[arg-type]
+        )
+        if limit is not None:
+            statement = statement.limit(limit)
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.exec(statement))
+
+    def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
+        statement = self._where(select(UsageRecord), where).order_by(
+            UsageRecord.ended_at, UsageRecord.id  # type: ignore[arg-type]
+        )
+        with Session(self.engine) as session:
+            result = session.exec(statement.execution_options(yield_per=chunk_size))
+            for record in result:
+                session.expunge(record)
+                yield record
+
+    @staticmethod
+    def _where(statement: Any, where: UsageFilter) -> Any:
+        columns = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        for name in ("user_id", "session_id", "model", "provider"):
+            value = getattr(where, name)
+            if value is not None:
+                statement = statement.where(columns[name] == value)
+        if where.since is not None:
+            statement = statement.where(columns.ended_at >= where.since)
+        if where.until is not None:
+            statement = statement.where(columns.ended_at < where.until)
+        return statement
+
+    def _group_column(self, group_by: GroupBy | None) -> sa.ColumnElement[Any]:
+        columns = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        if group_by is None:
+            return sa.literal("all").label("group_key")
+        if group_by == "day":
+            if self.dialect == "sqlite":
+                return sa.func.date(columns.ended_at).label("group_key")
+            return sa.cast(sa.cast(columns.ended_at, sa.Date), sa.String).label("group_key")
+        name = {"user": "user_id", "session": "session_id"}.get(group_by, group_by)
+        return columns[name].label("group_key")
+
+    def summary(self, where: UsageFilter, group_by: GroupBy | None) -> UsageSummary:
+        """Totals and token percentiles computed in SQL (window functions), one pass each."""
+        overall = self._grouped(where, None)
+        result = UsageSummary(group_by=group_by)
+        if not overall:
+            return result
+        total = overall[0]
+        result = UsageSummary(
+            group_by=group_by,
+            usage=total.usage,
+            calls=total.calls,
+            errors=total.errors,
+            stats=total.stats,
+            period_start=total.first_call,
+            period_end=total.last_call,
+            groups=self._grouped(where, group_by) if group_by else [],
+        )
+        return result
+
+    def _grouped(self, where: UsageFilter, group_by: GroupBy | None) -> list[GroupSummary]:
+        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        group = self._group_column(group_by)
+        ranked = self._where(
+            sa.select(
+                group,
+                *(c[name] for name in _SUMMED if name != "cost_estimate_usd"),
+                # sum exact integer pico-USD, not the Decimal the column type returns
+                sa.type_coerce(c.cost_estimate_usd, sa.BigInteger).label("cost_estimate_usd"),
+                c.estimated,
+                c.status,
+                c.ended_at,
+                sa.func.row_number()
+                .over(partition_by=group, order_by=(c.total_tokens, c.id))
+                .label("rank"),
+                sa.func.count().over(partition_by=group).label("n"),
+            ),
+            where,
+        ).subquery()
+        r = ranked.c
+
+        def percentile(p: int) -> sa.ColumnElement[Any]:
+            # nearest rank: the ceil(p% * n)-th value, in integer arithmetic for SQLite
+            hit = r.rank == (r.n * p + 99) // 100
+            return sa.func.max(sa.case((hit, r.total_tokens))).label(f"p{p}")
+
+        query = (
+            sa.select(
+                r.group_key,
+                sa.func.count().label("calls"),
+                *(sa.func.coalesce(sa.func.sum(r[name]), 0).label(name) for name in _SUMMED),
+                sa.func.max(sa.case((r.estimated, 1), else_=0)).label("any_estimated"),
+                sa.func.sum(sa.case((r.status != "ok", 1), else_=0)).label("errors"),
+                sa.func.min(r.total_tokens).label("min"),
+                sa.func.max(r.total_tokens).label("max"),
+                sa.func.avg(r.total_tokens).label("avg"),
+                sa.func.min(r.ended_at).label("first_call"),
+                sa.func.max(r.ended_at).label("last_call"),
+                *(percentile(p) for p in _PERCENTILES),
+            )
+            .group_by(r.group_key)
+            .order_by(sa.desc("cost_estimate_usd"), r.group_key)
+        )
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).mappings().all()
+        return [self._group_summary(row) for row in rows]
+
+    @staticmethod
+    def _group_summary(row: Any) -> GroupSummary:
+        usage = TokenUsage.model_construct(
+            **{name: int(row[name]) for name in _SUMMED if name != "cost_estimate_usd"},
+            cost_estimate_usd=pico_to_usd(row["cost_estimate_usd"]),
+            estimated=bool(row["any_estimated"]),
+        )
+        key = row["group_key"]
+        return GroupSummary(
+            key=None if key is None else str(key),
+            usage=usage,
+            calls=int(row["calls"]),
+            errors=int(row["errors"] or 0),
+            stats=TokenStats(
+                count=int(row["calls"]),
+                avg=float(row["avg"] or 0),
+                min=int(row["min"] or 0),
+                max=int(row["max"] or 0),
+                **{f"p{p}": int(row[f"p{p}"] or 0) for p in _PERCENTILES},
+            ),
+            first_call=_aware(row["first_call"]),
+            last_call=_aware(row["last_call"]),
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+_SUMMED = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "embedding_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_estimate_usd",
+)
+
+
+def _aware(value: Any) -> datetime | None:
+    """min()/max() over a subquery lose the column type on SQLite; restore UTC datetimes."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

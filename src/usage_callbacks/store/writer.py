@@ -1,0 +1,140 @@
+"""Batched, off-thread writes so the callback hot path does no disk or network I/O.
+
+A record waits at most ``max_delay`` seconds or until ``batch_size`` records are queued.
+Failed batches stay queued and are retried with backoff; the queue is bounded by
+``max_buffer`` and the oldest records beyond it are dropped with an error log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
+
+from usage_callbacks.store.models import UsageRecord
+
+logger = logging.getLogger("usage_callbacks")
+
+
+class _Writable(Protocol):
+    def write(self, records: Sequence[UsageRecord]) -> None: ...
+
+
+class BatchWriter:
+    """Queues records and writes them in batches from one daemon thread."""
+
+    def __init__(
+        self,
+        store: _Writable,
+        *,
+        batch_size: int = 500,
+        max_delay: float = 0.5,
+        max_buffer: int = 100_000,
+    ) -> None:
+        if batch_size < 1 or max_delay <= 0 or max_buffer < batch_size:
+            raise ValueError("need batch_size >= 1, max_delay > 0 and max_buffer >= batch_size")
+        self._store = store
+        self._batch_size = batch_size
+        self._max_delay = max_delay
+        self._max_buffer = max_buffer
+        self._pending: deque[UsageRecord] = deque()
+        self._condition = threading.Condition()
+        self._written = 0  # records handed over so far, for flush() to wait on
+        self._enqueued = 0
+        self._inflight: list[UsageRecord] = []
+        self._oldest_at = 0.0
+        self._flush_requested = False
+        self._closed = False
+        self._failures = 0
+        self._thread = threading.Thread(target=self._run, name="usage-callbacks-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: UsageRecord) -> None:
+        with self._condition:
+            if not self._pending:
+                self._oldest_at = time.monotonic()
+            self._pending.append(record)
+            self._enqueued += 1
+            if len(self._pending) > self._max_buffer:
+                self._pending.popleft()
+                self._written += 1
+                logger.error("usage buffer full (%d); dropped the oldest record", self._max_buffer)
+            if len(self._pending) >= self._batch_size:
+                self._condition.notify_all()
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Block until everything submitted so far is written; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            target = self._enqueued
+            while self._written < target:
+                self._flush_requested = True
+                self._condition.notify_all()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+        return True
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        self.flush(timeout)
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        with self._condition:
+            return len(self._pending) + len(self._inflight)
+
+    def _next_batch(self) -> list[UsageRecord] | None:
+        """Wait for a full batch, an old enough record, a flush or close; None means stop."""
+        with self._condition:
+            while True:
+                if self._pending and (
+                    self._closed
+                    or self._flush_requested
+                    or len(self._pending) >= self._batch_size
+                    or time.monotonic() - self._oldest_at >= self._max_delay
+                ):
+                    break
+                if self._closed:
+                    return None
+                if self._pending:
+                    self._condition.wait(self._max_delay - (time.monotonic() - self._oldest_at))
+                else:
+                    self._flush_requested = False
+                    self._condition.wait()
+            count = min(self._batch_size, len(self._pending))
+            self._inflight = [self._pending.popleft() for _ in range(count)]
+            self._oldest_at = time.monotonic()
+            return self._inflight
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._store.write(batch)
+            except Exception:
+                self._failures += 1
+                delay = min(0.05 * 2**self._failures, 5.0)
+                logger.warning(
+                    "writing %d usage records failed (attempt %d); retrying in %.2fs",
+                    len(batch),
+                    self._failures,
+                    delay,
+                    exc_info=self._failures == 1,
+                )
+                with self._condition:
+                    self._pending.extendleft(reversed(self._inflight))
+                    self._inflight = []
+                time.sleep(delay)
+                continue
+            self._failures = 0
+            with self._condition:
+                self._written += len(batch)
+                self._inflight = []
+                self._condition.notify_all()

@@ -1,0 +1,163 @@
+"""tiktoken counting for text, chat messages and embedding inputs, working offline.
+
+tiktoken downloads its encodings on first use. This library never does: it uses
+tiktoken's own cache when it holds the encoding, else the copies llama-index-core ships
+in ``llama_index/core/_static/tiktoken_cache``, else it fails with a message naming both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+import tiktoken.model
+
+#: tiktoken caches each encoding file under the SHA-1 of its download URL.
+_CACHE_KEYS = {
+    "cl100k_base": "9b5ad71b2ce5302211f9c61530b329a4922fc6a4",
+    "o200k_base": "fb374d419588a4632f3f557e76b4b70aebbca790",
+}
+_FALLBACK_ENCODING = "cl100k_base"
+
+#: The OpenAI cookbook's chat accounting: per-message framing and the reply primer.
+_TOKENS_PER_MESSAGE = 3
+_TOKENS_PER_NAME = 1
+_REPLY_PRIMER_TOKENS = 3
+
+_env_lock = threading.Lock()
+
+
+class EncodingUnavailableError(RuntimeError):
+    """No offline copy of a tiktoken encoding could be found."""
+
+
+def _tiktoken_cache_dir() -> str:
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return os.environ["TIKTOKEN_CACHE_DIR"]
+    if "DATA_GYM_CACHE_DIR" in os.environ:
+        return os.environ["DATA_GYM_CACHE_DIR"]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _llama_index_cache_dir() -> Path | None:
+    spec = importlib.util.find_spec("llama_index.core")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "_static" / "tiktoken_cache"
+    return path if path.is_dir() else None
+
+
+@cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """The named encoding from a local file; never a network download."""
+    key = _CACHE_KEYS.get(name)
+    own_cache = _tiktoken_cache_dir()
+    if key is None or (own_cache and os.path.exists(os.path.join(own_cache, key))):
+        return tiktoken.get_encoding(name)
+    bundled = _llama_index_cache_dir()
+    if bundled is not None and (bundled / key).exists():
+        # tiktoken reads its cache location from the environment at load time only.
+        with _env_lock:
+            previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)
+            try:
+                return tiktoken.get_encoding(name)
+            finally:
+                if previous is None:
+                    del os.environ["TIKTOKEN_CACHE_DIR"]
+                else:
+                    os.environ["TIKTOKEN_CACHE_DIR"] = previous
+    raise EncodingUnavailableError(
+        f"tiktoken encoding {name!r} is not available offline. Either install "
+        "llama-index-core (it ships cl100k_base and o200k_base), or put the encoding file "
+        f"in tiktoken's cache ({own_cache or 'TIKTOKEN_CACHE_DIR'}) by running "
+        f"`python -c \"import tiktoken; tiktoken.get_encoding('{name}')\"` once with network."
+    )
+
+
+@lru_cache(maxsize=1024)
+def encoding_name_for_model(model: str | None) -> str:
+    """o200k for gpt-4o/4.1/5/o-series, cl100k for older and unknown models."""
+    if not model:
+        return _FALLBACK_ENCODING
+    bare = model.rsplit("/", 1)[-1].lower()
+    try:
+        name = tiktoken.model.encoding_name_for_model(bare)
+    except KeyError:
+        return _FALLBACK_ENCODING
+    return name if name in _CACHE_KEYS else _FALLBACK_ENCODING
+
+
+def encoding_for_model(model: str | None) -> tiktoken.Encoding:
+    return get_encoding(encoding_name_for_model(model))
+
+
+def count_text_tokens(text: str, model: str | None = None) -> int:
+    """Tokens in ``text`` under ``model``'s encoding (special tokens counted as text)."""
+    if not text:
+        return 0
+    return len(encoding_for_model(model).encode(text, disallowed_special=()))
+
+
+def count_texts_tokens(texts: Iterable[str], model: str | None = None) -> int:
+    """Tokens over many texts, as an embedding request of those chunks is billed."""
+    encoding = encoding_for_model(model)
+    batch = [text for text in texts if text]
+    if not batch:
+        return 0
+    return sum(len(ids) for ids in encoding.encode_batch(batch, disallowed_special=()))
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content: a string, or a list of parts with text in them."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        text = content.get("text")
+        return text if isinstance(text, str) else ""
+    if isinstance(content, Sequence):
+        return "".join(message_text(part) for part in content)
+    text = getattr(content, "text", None)
+    return text if isinstance(text, str) else ""
+
+
+def _message_fields(message: Any) -> tuple[str, str, str | None]:
+    if isinstance(message, str):
+        return "user", message, None
+    if isinstance(message, Mapping):
+        role, content, name = message.get("role"), message.get("content"), message.get("name")
+    else:
+        role = getattr(message, "role", None) or getattr(message, "type", None)
+        content = getattr(message, "content", None)
+        if content is None:
+            blocks = getattr(message, "blocks", None)
+            content = blocks if blocks is not None else None
+        name = getattr(message, "name", None)
+    return str(getattr(role, "value", role) or ""), message_text(content), name or None
+
+
+def count_message_tokens(messages: Iterable[Any], model: str | None = None) -> int:
+    """Prompt tokens of a chat request, framed the way OpenAI chat models bill them.
+
+    Messages may be dicts (``role``/``content``/``name``) or objects with those
+    attributes (``type`` is accepted for the role, as LangChain messages have it).
+    """
+    encoding = encoding_for_model(model)
+    total = 0
+    for message in messages:
+        role, content, name = _message_fields(message)
+        total += _TOKENS_PER_MESSAGE
+        total += len(encoding.encode(role, disallowed_special=()))
+        total += len(encoding.encode(content, disallowed_special=()))
+        if name:
+            total += _TOKENS_PER_NAME + len(encoding.encode(name, disallowed_special=()))
+    return total + _REPLY_PRIMER_TOKENS if total else 0

@@ -1,0 +1,446 @@
+"""UsageTracker: the one place usage goes to be priced, budgeted, counted and stored."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Protocol
+
+from usage_callbacks.budgets import Budget, BudgetWarning, CallScope
+from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
+from usage_callbacks.runs import RunRegistry
+from usage_callbacks.sessions import UsageSession, active_sessions
+from usage_callbacks.store import UsageFilter, UsageSummary, open_store
+from usage_callbacks.store.base import GroupBy
+from usage_callbacks.store.ledger import BudgetStatus, Charge
+from usage_callbacks.store.models import UsageRecord, utcnow
+from usage_callbacks.store.writer import BatchWriter
+from usage_callbacks.usage import CallType, TokenUsage
+
+logger = logging.getLogger("usage_callbacks")
+
+DEFAULT_OUTPUT_ALLOWANCE = 1024
+
+
+class UsageExporter(Protocol):
+    """Receives every record as it is made (metrics, logs); must not raise or block."""
+
+    def export(self, record: UsageRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Budget held for one call in flight; settle it by recording, or release it."""
+
+    id: str
+    charges: tuple[Charge, ...]
+    usd: Decimal
+    tokens: int
+    estimate: TokenUsage
+
+
+class UsageTracker:
+    """Prices, budgets, session totals and persistence for tracked calls.
+
+    ``url`` is a SQLAlchemy URL (``sqlite:///usage.db``, ``postgresql+psycopg://...``) or
+    ``memory://``; None reads ``$USAGE_CALLBACKS_DB`` and falls back to
+    ``sqlite:///usage.db``. Records are written in batches from a background thread
+    (at most ``batch_size`` records or ``flush_interval`` seconds old); ``durable=True``
+    writes each record before ``record()`` returns.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        budgets: Iterable[Budget] = (),
+        prices: PriceTable | dict[str, ModelPrice] | None = None,
+        batch_size: int = 500,
+        flush_interval: float = 0.5,
+        durable: bool = False,
+        reservation_ttl: timedelta = timedelta(minutes=10),
+        default_output_allowance: int = DEFAULT_OUTPUT_ALLOWANCE,
+        exporters: Iterable[UsageExporter] = (),
+        log_usage: bool = False,
+    ) -> None:
+        self.store = open_store(url)
+        self.pricer = Pricer(prices)
+        self.runs = RunRegistry()
+        self.durable = durable
+        self.reservation_ttl = reservation_ttl
+        self.default_output_allowance = default_output_allowance
+        self._budgets: list[Budget] = []
+        self._session_budgets: dict[str, Budget] = {}
+        self._budget_lock = threading.Lock()
+        for budget in budgets:
+            self.add_budget(budget)
+        self._exporters: list[UsageExporter] = list(exporters)
+        if log_usage:
+            from usage_callbacks.exporters.log import LogExporter
+
+            self._exporters.append(LogExporter())
+        self._writer = BatchWriter(self.store, batch_size=batch_size, max_delay=flush_interval)
+        self._closed = False
+        self._atexit = _register_atexit(self)
+
+    # ------------------------------------------------------------------ budgets
+
+    def add_budget(self, budget: Budget) -> None:
+        if not isinstance(budget, Budget):
+            raise TypeError(f"add_budget takes a Budget, not {type(budget).__name__}")
+        with self._budget_lock:
+            if any(existing.label == budget.label for existing in self._budgets):
+                raise ValueError(
+                    f"a budget labelled {budget.label!r} exists; give one of them a name="
+                )
+            self._budgets.append(budget)
+
+    @property
+    def budgets(self) -> list[Budget]:
+        with self._budget_lock:
+            return [*self._budgets, *self._session_budgets.values()]
+
+    @property
+    def has_budgets(self) -> bool:
+        """Adapters skip pre-call token estimation when this is False."""
+        return bool(self._budgets or self._session_budgets)
+
+    def _charges(self, scope: CallScope) -> tuple[Charge, ...]:
+        charges = []
+        for budget in self.budgets:
+            key = budget.scope_key(scope)
+            if key is not None:
+                charges.append(Charge(budget, key))
+        return tuple(charges)
+
+    def _scope(
+        self,
+        model: str | None,
+        user_id: str | None,
+        session_id: str | None,
+        sessions: Sequence[UsageSession],
+    ) -> CallScope:
+        return CallScope(
+            user_id=user_id,
+            session_id=session_id,
+            session_ids=tuple(session.session_id for session in sessions),
+            model=model,
+        )
+
+    def reserve(
+        self,
+        *,
+        model: str | None,
+        provider: str | None = None,
+        prompt_tokens: int = 0,
+        max_output_tokens: int | None = None,
+        embedding_tokens: int = 0,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        sessions: Sequence[UsageSession] | None = None,
+    ) -> Reservation | None:
+        """Hold the most this call can cost against every budget that applies.
+
+        Raises BudgetExceededError (holding nothing) when any budget would be exceeded.
+        Returns None when no budget applies. ``max_output_tokens`` None means the
+        tracker's ``default_output_allowance``.
+        """
+        if not self.has_budgets:
+            return None
+        sessions = self._sessions(sessions)
+        user_id, session_id = self._defaults(user_id, session_id, sessions)
+        charges = self._charges(self._scope(model, user_id, session_id, sessions))
+        if not charges:
+            return None
+        if embedding_tokens:
+            output = 0
+        elif max_output_tokens is None:
+            output = self.default_output_allowance
+        else:
+            output = max_output_tokens
+        estimate = TokenUsage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=output,
+            embedding_tokens=embedding_tokens,
+            estimated=True,
+        )
+        usd = self.pricer.price(estimate, model, provider).cost_usd
+        reservation = Reservation(
+            id=uuid.uuid4().hex, charges=charges, usd=usd, tokens=estimate.total, estimate=estimate
+        )
+        self.store.ledger.reserve(
+            reservation.id, charges, usd, reservation.tokens, utcnow(), self.reservation_ttl
+        )
+        return reservation
+
+    def release(self, reservation: Reservation | None) -> None:
+        """Drop a reservation whose call never happened (never raises)."""
+        if reservation is None:
+            return
+        try:
+            self.store.ledger.release(reservation.id)
+        except Exception:
+            logger.warning("releasing budget reservation %s failed; it expires", reservation.id,
+                           exc_info=True)
+
+    def budget_status(self) -> list[BudgetStatus]:
+        """Spend, holds and headroom of every budget for every key seen this period."""
+        now = utcnow()
+        charges = []
+        for budget in self.budgets:
+            keys = self.store.ledger.scope_keys(budget, now)
+            if budget.per == "global" and "*" not in keys:
+                keys.append("*")
+            charges.extend(Charge(budget, key) for key in keys)
+        return self.store.ledger.status(charges, now)
+
+    # ------------------------------------------------------------------ recording
+
+    def price(self, usage: TokenUsage, model: str | None, provider: str | None = None) -> PricedUsage:
+        return self.pricer.price(usage, model, provider)
+
+    def record(
+        self,
+        usage: TokenUsage,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        call_type: CallType = "chat",
+        framework: str = "manual",
+        user_id: str | None = None,
+        session_id: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Sequence[str] | None = None,
+        status: str = "ok",
+        error_type: str | None = None,
+        started_at: datetime | None = None,
+        ended_at: datetime | None = None,
+        latency_ms: float | None = None,
+        cache_hit: bool = False,
+        sessions: Sequence[UsageSession] | None = None,
+        reservation: Reservation | None = None,
+    ) -> UsageRecord:
+        """Price, book against budgets, add to open sessions, queue for storage, export.
+
+        Usage that already carries a cost keeps it; otherwise it is priced here. A cache
+        hit bills nothing. Storage and budget failures are logged, never raised.
+        """
+        sessions = self._sessions(sessions)
+        user_id, session_id = self._defaults(user_id, session_id, sessions)
+        ended_at = ended_at or utcnow()
+        cost_known = True
+        if cache_hit:
+            usage = TokenUsage(estimated=usage.estimated)
+        elif usage.cost_estimate_usd == 0 and usage.total > 0:
+            priced = self.pricer.price(usage, model, provider)
+            usage = usage.with_cost(priced.cost_usd)
+            cost_known = priced.known
+        session_tags = [tag for session in sessions for tag in session.tags]
+        record = UsageRecord(
+            started_at=started_at or ended_at,
+            ended_at=ended_at,
+            latency_ms=latency_ms,
+            framework=framework,
+            provider=provider,
+            model=model,
+            call_type=call_type,
+            run_id=None if run_id is None else str(run_id),
+            parent_run_id=None if parent_run_id is None else str(parent_run_id),
+            session_id=session_id,
+            user_id=user_id,
+            tags=list(dict.fromkeys([*(tags or ()), *session_tags])),
+            status=status,
+            error_type=error_type,
+            cache_hit=cache_hit,
+            cost_known=cost_known,
+            **{name: getattr(usage, name) for name in _USAGE_FIELDS},
+        )
+        self._settle(record, sessions, reservation)
+        for session in sessions:
+            session.add(record)
+        self._store(record)
+        for exporter in self._exporters:
+            try:
+                exporter.export(record)
+            except Exception:
+                logger.warning("exporter %r failed", exporter, exc_info=True)
+        return record
+
+    def _settle(
+        self, record: UsageRecord, sessions: Sequence[UsageSession], reservation: Reservation | None
+    ) -> None:
+        if not self.has_budgets and reservation is None:
+            return
+        scope = self._scope(record.model, record.user_id, record.session_id, sessions)
+        charges = reservation.charges if reservation is not None else self._charges(scope)
+        try:
+            warnings = self.store.ledger.settle(
+                reservation.id if reservation else None,
+                charges,
+                record.cost_estimate_usd,
+                record.total_tokens,
+                record.ended_at,
+            )
+        except Exception:
+            logger.warning("booking spend against budgets failed; the record is kept",
+                           exc_info=True)
+            return
+        for warning in warnings:
+            _announce(warning)
+
+    def _store(self, record: UsageRecord) -> None:
+        if self._closed:
+            logger.warning("record() after close(): writing synchronously")
+        if self.durable or self._closed:
+            try:
+                self.store.write([record])
+            except Exception:
+                logger.warning("writing a usage record failed; queueing it for retry",
+                               exc_info=True)
+                self._writer.submit(record)
+            return
+        self._writer.submit(record)
+
+    def _sessions(self, sessions: Sequence[UsageSession] | None) -> tuple[UsageSession, ...]:
+        if sessions is None:
+            sessions = active_sessions()
+        return tuple(session for session in sessions if session.tracker is self)
+
+    @staticmethod
+    def _defaults(
+        user_id: str | None, session_id: str | None, sessions: Sequence[UsageSession]
+    ) -> tuple[str | None, str | None]:
+        """Fill user and session from the innermost open session."""
+        for session in reversed(sessions):
+            if session_id is None:
+                session_id = session.session_id
+            if user_id is None and session.user_id is not None:
+                user_id = session.user_id
+        return user_id, session_id
+
+    # ------------------------------------------------------------------ sessions
+
+    def session(
+        self,
+        name: str | None = None,
+        *,
+        user_id: str | None = None,
+        tags: Sequence[str] | None = None,
+        max_tokens: int | None = None,
+        max_cost_usd: Decimal | float | str | None = None,
+    ) -> UsageSession:
+        """A context manager totalling every call made inside it, with an optional budget."""
+        session = UsageSession(self, name, user_id=user_id, tags=list(tags or []))
+        if max_tokens is not None or max_cost_usd is not None:
+            budget = Budget(
+                limit_usd=max_cost_usd,
+                limit_tokens=max_tokens,
+                per="session",
+                session_only=session.session_id,
+                name=f"session:{session.session_id}",
+            )
+            with self._budget_lock:
+                self._session_budgets[session.session_id] = budget
+        return session
+
+    def forget_session(self, session: UsageSession) -> None:
+        """Called when a session closes: its own budget stops applying."""
+        if any(open_session is session for open_session in active_sessions()):
+            return  # still open in this context (re-entered)
+        with self._budget_lock:
+            self._session_budgets.pop(session.session_id, None)
+
+    # ------------------------------------------------------------------ reading
+
+    def records(self, *, limit: int | None = None, **filters: Any) -> list[UsageRecord]:
+        """Stored records matching ``user_id``/``session_id``/``model``/``provider``/``since``/``until``."""
+        self.flush()
+        return self.store.records(UsageFilter(**filters), limit)
+
+    def summary(self, group_by: GroupBy | None = None, **filters: Any) -> UsageSummary:
+        """Totals, per-group totals and per-call token percentiles, aggregated in SQL."""
+        self.flush()
+        return self.store.summary(UsageFilter(**filters), group_by)
+
+    def purge(self, before: datetime) -> int:
+        """Delete records that ended before ``before``; returns how many."""
+        self.flush()
+        return self.store.purge(before)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def add_exporter(self, exporter: UsageExporter) -> None:
+        self._exporters.append(exporter)
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Write everything recorded so far; False if the store did not take it in time."""
+        return self._writer.flush(timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._writer.close()
+        self._closed = True
+        atexit.unregister(self._atexit)
+        for exporter in self._exporters:
+            shutdown = getattr(exporter, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+        self.store.close()
+
+    def __enter__(self) -> UsageTracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"UsageTracker({self.store._safe_url()!r}, budgets={len(self.budgets)})"
+
+
+_USAGE_FIELDS = tuple(TokenUsage.model_fields)
+
+
+def _announce(warning: BudgetWarning) -> None:
+    budget = warning.budget
+    logger.warning(
+        "budget %s for %s crossed %.0f%%: $%s and %d tokens spent %s",
+        budget.label,
+        warning.key,
+        (budget.warn_at or 0) * 100,
+        warning.spent_usd,
+        warning.spent_tokens,
+        budget.period_words(),
+    )
+    if budget.on_warning is not None:
+        try:
+            budget.on_warning(warning)
+        except Exception:
+            logger.warning("on_warning callback failed", exc_info=True)
+
+
+def _register_atexit(tracker: UsageTracker) -> Any:
+    """Flush at interpreter exit without keeping the tracker alive."""
+    reference = weakref.ref(tracker)
+
+    def flush_at_exit() -> None:
+        alive = reference()
+        if alive is not None and not alive._closed:
+            alive.flush(timeout=10)
+
+    atexit.register(flush_at_exit)
+    return flush_at_exit
