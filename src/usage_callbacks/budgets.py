@@ -85,8 +85,10 @@ class Budget(BaseModel):
             limits.append(f"${self.limit_usd}")
         if self.limit_tokens is not None:
             limits.append(f"{self.limit_tokens}tok")
-        period = self.period if isinstance(self.period, str) else (
-            f"rolling{int(self.period.total_seconds())}s" if self.period else "ever"
+        period = (
+            self.period
+            if isinstance(self.period, str)
+            else (f"rolling{int(self.period.total_seconds())}s" if self.period else "ever")
         )
         scope = f"session:{self.session_only}" if self.session_only else self.per
         return f"{scope}/{period}/{'+'.join(limits)}"

@@ -67,8 +67,11 @@ def _load_integrations() -> None:
                 try:
                     importlib.import_module(module)
                 except Exception:  # a broken framework install must not break sessions
-                    logger.warning("could not load %s; its calls are not captured by "
-                                   "sessions", module, exc_info=True)
+                    logger.warning(
+                        "could not load %s; its calls are not captured by sessions",
+                        module,
+                        exc_info=True,
+                    )
         _integrations_loaded = True
 
 

@@ -188,8 +188,9 @@ class UsageTracker:
         try:
             self.store.ledger.release(reservation.id)
         except Exception:
-            logger.warning("releasing budget reservation %s failed; it expires", reservation.id,
-                           exc_info=True)
+            logger.warning(
+                "releasing budget reservation %s failed; it expires", reservation.id, exc_info=True
+            )
 
     def budget_status(self) -> list[BudgetStatus]:
         """Spend, holds and headroom of every budget for every key seen this period."""
@@ -204,7 +205,9 @@ class UsageTracker:
 
     # ------------------------------------------------------------------ recording
 
-    def price(self, usage: TokenUsage, model: str | None, provider: str | None = None) -> PricedUsage:
+    def price(
+        self, usage: TokenUsage, model: str | None, provider: str | None = None
+    ) -> PricedUsage:
         return self.pricer.price(usage, model, provider)
 
     def record(
@@ -291,8 +294,9 @@ class UsageTracker:
                 record.ended_at,
             )
         except Exception:
-            logger.warning("booking spend against budgets failed; the record is kept",
-                           exc_info=True)
+            logger.warning(
+                "booking spend against budgets failed; the record is kept", exc_info=True
+            )
             return
         for warning in warnings:
             _announce(warning)
@@ -304,8 +308,9 @@ class UsageTracker:
             try:
                 self.store.write([record])
             except Exception:
-                logger.warning("writing a usage record failed; queueing it for retry",
-                               exc_info=True)
+                logger.warning(
+                    "writing a usage record failed; queueing it for retry", exc_info=True
+                )
                 self._writer.submit(record)
             return
         self._writer.submit(record)

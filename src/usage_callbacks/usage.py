@@ -183,7 +183,9 @@ def build_usage(
         cache_read = min(cache_read, prompt)
         cache_write = min(cache_write, prompt - cache_read)
     if reasoning > completion:
-        logger.warning("reasoning tokens (%d) exceed completion (%d); clamping", reasoning, completion)
+        logger.warning(
+            "reasoning tokens (%d) exceed completion (%d); clamping", reasoning, completion
+        )
         reasoning = completion
     return TokenUsage.model_construct(
         prompt_tokens=prompt,

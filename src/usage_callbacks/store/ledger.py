@@ -135,7 +135,9 @@ class BudgetLedger:
             for lock_id in sorted({charge.lock_id for charge in charges}):
                 connection.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
 
-    def _used(self, connection: Connection, charge: Charge, now: datetime) -> tuple[int, int, int, int]:
+    def _used(
+        self, connection: Connection, charge: Charge, now: datetime
+    ) -> tuple[int, int, int, int]:
         """Spent pico, spent tokens, held pico, held tokens for one charge right now."""
         label = charge.budget.label
         spent = connection.execute(
@@ -219,7 +221,10 @@ class BudgetLedger:
                 period_start=start,
                 period_end=end,
             )
-        if budget.limit_tokens is not None and spent_tokens + held_tokens + tokens > budget.limit_tokens:
+        if (
+            budget.limit_tokens is not None
+            and spent_tokens + held_tokens + tokens > budget.limit_tokens
+        ):
             return BudgetExceededError(
                 budget=budget,
                 key=charge.key,
@@ -285,7 +290,9 @@ class BudgetLedger:
         over_usd = budget.limit_usd is not None and spent_pico >= usd_to_pico(
             budget.limit_usd * Decimal(str(budget.warn_at))
         )
-        over_tokens = budget.limit_tokens is not None and spent_tokens >= budget.limit_tokens * budget.warn_at
+        over_tokens = (
+            budget.limit_tokens is not None and spent_tokens >= budget.limit_tokens * budget.warn_at
+        )
         if not (over_usd or over_tokens):
             return None
         start, end = budget.window(now)
@@ -326,7 +333,9 @@ class BudgetLedger:
         result = []
         with self._guard, self.engine.connect() as connection:
             for charge in charges:
-                spent_pico, spent_tokens, held_pico, held_tokens = self._used(connection, charge, now)
+                spent_pico, spent_tokens, held_pico, held_tokens = self._used(
+                    connection, charge, now
+                )
                 start, end = charge.budget.window(now)
                 result.append(
                     BudgetStatus(

@@ -156,7 +156,8 @@ class SqlStore:
 
     def records(self, where: UsageFilter, limit: int | None = None) -> list[UsageRecord]:
         statement = self._where(select(UsageRecord), where).order_by(
-            UsageRecord.ended_at, UsageRecord.id  # type: ignore[arg-type]
+            UsageRecord.ended_at,
+            UsageRecord.id,  # type: ignore[arg-type]
         )
         if limit is not None:
             statement = statement.limit(limit)
@@ -165,7 +166,8 @@ class SqlStore:
 
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
         statement = self._where(select(UsageRecord), where).order_by(
-            UsageRecord.ended_at, UsageRecord.id  # type: ignore[arg-type]
+            UsageRecord.ended_at,
+            UsageRecord.id,  # type: ignore[arg-type]
         )
         with Session(self.engine) as session:
             result = session.exec(statement.execution_options(yield_per=chunk_size))

@@ -49,7 +49,9 @@ class BatchWriter:
         self._flush_requested = False
         self._closed = False
         self._failures = 0
-        self._thread = threading.Thread(target=self._run, name="usage-callbacks-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="usage-callbacks-writer", daemon=True
+        )
         self._thread.start()
 
     def submit(self, record: UsageRecord) -> None:
