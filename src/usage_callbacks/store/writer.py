@@ -58,6 +58,7 @@ class BatchWriter:
         with self._condition:
             if not self._pending:
                 self._oldest_at = time.monotonic()
+                self._condition.notify_all()  # start the age clock in the writer
             self._pending.append(record)
             self._enqueued += 1
             if len(self._pending) > self._max_buffer:

@@ -1,0 +1,81 @@
+"""SQLite specifics: WAL for many processes, schema versions, bad URLs."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from usage_callbacks import (
+    SchemaTooNewError,
+    StoreConfigurationError,
+    TokenUsage,
+    UsageTracker,
+)
+
+WRITER = """
+import sys
+from usage_callbacks import TokenUsage, UsageTracker
+with UsageTracker(sys.argv[1], batch_size=50) as tracker:
+    for _ in range(int(sys.argv[2])):
+        tracker.record(TokenUsage(prompt_tokens=10, completion_tokens=5), model="gpt-4o-mini")
+"""
+
+
+def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
+    with UsageTracker(sqlite_url) as tracker, tracker.store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_processes_share_one_file_and_readers_see_whole_batches(sqlite_url: str) -> None:
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, sqlite_url, "500"]) for _ in range(3)
+    ]
+    seen = []
+    with UsageTracker(sqlite_url) as reader:
+        while any(writer.poll() is None for writer in writers):
+            summary = reader.summary()
+            # every committed record is whole: tokens always 15 per call
+            assert summary.usage.total_tokens == 15 * summary.calls
+            seen.append(summary.calls)
+        assert all(writer.wait() == 0 for writer in writers)
+        assert reader.summary().calls == 1500
+    assert seen == sorted(seen)  # totals only grow
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    UsageTracker(url).close()
+    with sqlite3.connect(tmp_path / "new.db") as connection:
+        connection.execute("UPDATE usage_schema SET version = 99")
+    with pytest.raises(SchemaTooNewError, match="v99.*Upgrade usage-callbacks"):
+        UsageTracker(url)
+
+
+@pytest.mark.parametrize("url", ["not a url", "nosuchdb://x/y"])
+def test_bad_urls_fail_fast_with_advice(url: str) -> None:
+    with pytest.raises(StoreConfigurationError, match="sqlite:///usage.db|cannot"):
+        UsageTracker(url)
+
+
+def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreConfigurationError, match="cannot use"):
+        UsageTracker(f"sqlite:///{junk}")
+
+
+def test_default_url_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("USAGE_CALLBACKS_DB", f"sqlite:///{tmp_path / 'env.db'}")
+    with UsageTracker() as tracker:
+        tracker.record(TokenUsage(prompt_tokens=1), model="m")
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'env.db'}")
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM usage_records").scalar() == 1
+    engine.dispose()

@@ -1,0 +1,91 @@
+"""UsageTracker: pricing on record, cache hits, durability, exit flush."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from genai_prices import Usage, calc_price
+
+from usage_callbacks import ModelPrice, TokenUsage, UsageFilter, UsageTracker
+
+
+def test_record_prices_with_genai_prices(memory_tracker: UsageTracker) -> None:
+    usage = TokenUsage(prompt_tokens=1000, completion_tokens=400, cache_read_tokens=600)
+    record = memory_tracker.record(usage, model="gpt-4o-mini", provider="openai")
+    expected = calc_price(
+        Usage(input_tokens=1000, output_tokens=400, cache_read_tokens=600),
+        model_ref="gpt-4o-mini",
+        provider_id="openai",
+    ).total_price
+    assert record.cost_estimate_usd == expected
+    assert record.cost_known
+
+
+def test_unknown_models_cost_nothing_and_warn_once(
+    memory_tracker: UsageTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="usage_callbacks"):
+        for _ in range(3):
+            record = memory_tracker.record(TokenUsage(prompt_tokens=5), model="in-house-llm-7b")
+    assert record.cost_estimate_usd == 0 and record.cost_known is False
+    assert sum("in-house-llm-7b" in message for message in caplog.messages) == 1
+
+
+def test_user_prices_win() -> None:
+    prices = {"in-house-llm-7b": ModelPrice(input_per_mtok=Decimal(2), output_per_mtok=Decimal(8))}
+    with UsageTracker("memory://", prices=prices) as tracker:
+        record = tracker.record(
+            TokenUsage(prompt_tokens=1_000_000, completion_tokens=500_000), model="in-house-llm-7b"
+        )
+    assert record.cost_estimate_usd == Decimal(6) and record.cost_known
+
+
+def test_cache_hits_bill_nothing(memory_tracker: UsageTracker) -> None:
+    record = memory_tracker.record(
+        TokenUsage(prompt_tokens=100, completion_tokens=10), model="gpt-4o", cache_hit=True
+    )
+    assert record.cache_hit and record.total_tokens == 0 and record.cost_estimate_usd == 0
+
+
+def test_durable_mode_writes_before_returning(sqlite_url: str) -> None:
+    with UsageTracker(sqlite_url, durable=True, flush_interval=3600) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=3), model="m")
+        assert len(tracker.store.records(UsageFilter())) == 1
+
+
+def test_batched_mode_defers_writes_until_flush(sqlite_url: str) -> None:
+    with UsageTracker(sqlite_url, flush_interval=3600, batch_size=1000) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=3), model="m")
+        assert tracker.store.records(UsageFilter()) == []
+        tracker.flush()
+        assert len(tracker.store.records(UsageFilter())) == 1
+
+
+def test_a_normal_exit_without_close_loses_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'exit.db'}"
+    script = (
+        "from usage_callbacks import TokenUsage, UsageTracker\n"
+        f"tracker = UsageTracker({url!r}, flush_interval=3600, batch_size=100000)\n"
+        "for _ in range(250):\n"
+        "    tracker.record(TokenUsage(prompt_tokens=2), model='m')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    with UsageTracker(url) as reader:
+        assert reader.summary().calls == 250
+
+
+def test_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="usage_callbacks"),
+        UsageTracker("memory://", log_usage=True) as tracker,
+    ):
+        tracker.record(TokenUsage(prompt_tokens=1234, completion_tokens=567), model="gpt-4o-mini")
+    assert (
+        "Token usage: prompt=1234, completion=567, total=1801, embedding=0, model=gpt-4o-mini, "
+        "cost=$0.000525" in caplog.messages
+    )
