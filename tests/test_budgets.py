@@ -1,0 +1,261 @@
+"""Budgets: construction, periods, scopes, warnings, expiry; refusals before the call."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from freezegun import freeze_time
+
+from usage_callbacks import (
+    Budget,
+    BudgetExceededError,
+    BudgetWarning,
+    ModelPrice,
+    TokenUsage,
+    UsageTracker,
+)
+
+# $1 per 1M tokens in and out: a token costs a micro-dollar, easy to reason about.
+PRICES = {"m": ModelPrice(input_per_mtok=Decimal(1), output_per_mtok=Decimal(1))}
+
+
+class Provider:
+    """Stands in for the LLM: counts the calls that reached it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, tracker: UsageTracker, tokens: int = 100, **scope: str) -> None:
+        reservation = tracker.reserve(
+            model="m", prompt_tokens=tokens // 2, max_output_tokens=tokens // 2, **scope
+        )
+        self.calls += 1
+        tracker.record(
+            TokenUsage(prompt_tokens=tokens // 2, completion_tokens=tokens // 2),
+            model="m",
+            reservation=reservation,
+            **scope,
+        )
+
+
+def _tracker(url: str, *budgets: Budget, **kwargs: object) -> UsageTracker:
+    return UsageTracker(url, budgets=budgets, prices=PRICES, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "advice"),
+    [
+        ({}, "Budget(limit_usd=5)"),
+        ({"limit_usd": -1}, "greater than 0"),
+        ({"limit_tokens": 0}, "greater than 0"),
+        ({"limit_usd": 1, "per": "team"}, "'global', 'user', 'session' or 'model'"),
+        ({"limit_usd": 1, "period": "fortnight"}, "'minute', 'hour', 'day', 'week' or 'month'"),
+        ({"limit_usd": 1, "period": timedelta(0)}, "period=timedelta"),
+        ({"limit_usd": 1, "warn_at": 1.5}, "less than 1"),
+    ],
+)
+def test_bad_budgets_fail_at_construction(kwargs: dict[str, object], advice: str) -> None:
+    with pytest.raises(ValueError, match=advice.replace("(", r"\(").replace(")", r"\)")):
+        Budget(**kwargs)  # type: ignore[arg-type]
+
+
+def test_calendar_windows_are_utc() -> None:
+    now = datetime(2026, 2, 28, 23, 59, 30, tzinfo=timezone(timedelta(hours=-5)))
+    utc = now.astimezone(timezone.utc)
+    assert utc.day == 1 and utc.month == 3
+    assert Budget(limit_usd=1, period="day").window(now) == (
+        datetime(2026, 3, 1, tzinfo=timezone.utc),
+        datetime(2026, 3, 2, tzinfo=timezone.utc),
+    )
+    assert Budget(limit_usd=1, period="month").window(now) == (
+        datetime(2026, 3, 1, tzinfo=timezone.utc),
+        datetime(2026, 4, 1, tzinfo=timezone.utc),
+    )
+    week = Budget(limit_usd=1, period="week").window(now)
+    assert week[0].weekday() == 0 and week[1] - week[0] == timedelta(days=7)
+    assert Budget(limit_usd=1, period="minute").window(now) == (
+        datetime(2026, 3, 1, 4, 59, tzinfo=timezone.utc),
+        datetime(2026, 3, 1, 5, 0, tzinfo=timezone.utc),
+    )
+
+
+def test_the_provider_is_not_called_once_the_budget_is_spent(store_url: str) -> None:
+    provider = Provider()
+    with _tracker(store_url, Budget(limit_tokens=1000)) as tracker:
+        with pytest.raises(BudgetExceededError) as refused:
+            for _ in range(100):
+                provider(tracker)
+        assert provider.calls == 10
+        assert tracker.summary().usage.total_tokens == 1000
+        error = refused.value
+        assert (error.limit, error.spent, error.requested) == (1000, 1000, 100)
+        assert "global: 1,000 tokens of 1,000 tokens spent in total" in str(error)
+        # a refusal holds nothing
+        [status] = tracker.budget_status()
+        assert status.reserved_tokens == 0 and status.remaining_tokens == 0
+
+
+def test_message_says_who_how_much_and_when_it_resets(memory_tracker: UsageTracker) -> None:
+    with freeze_time("2026-11-23 15:00:00"):
+        tracker = _tracker(
+            "memory://", Budget(limit_usd=Decimal("0.0005"), per="user", period="day")
+        )
+        provider = Provider()
+        with pytest.raises(BudgetExceededError) as refused:
+            for _ in range(10):
+                provider(tracker, tokens=200, user_id="alice")
+        tracker.close()
+    assert str(refused.value).startswith(
+        "user alice: $0.0004 of $0.0005 spent today; this call needs up to $0.0002; "
+        "resets 2026-11-24T00:00Z"
+    )
+    assert refused.value.key == "alice" and refused.value.unit == "usd"
+    copy = pickle.loads(pickle.dumps(refused.value))
+    assert str(copy) == str(refused.value) and copy.key == "alice"
+
+
+def test_users_are_isolated_and_anonymous_calls_share_one_bucket(store_url: str) -> None:
+    provider = Provider()
+    with _tracker(store_url, Budget(limit_tokens=300, per="user")) as tracker:
+        for user in ("alice", "bob"):
+            for _ in range(3):
+                provider(tracker, user_id=user)
+            with pytest.raises(BudgetExceededError, match=f"user {user}"):
+                provider(tracker, user_id=user)
+        for _ in range(3):
+            provider(tracker)
+        with pytest.raises(BudgetExceededError, match=r"user \(none\)"):
+            provider(tracker)
+    assert provider.calls == 9
+
+
+def test_model_budgets_only_limit_their_model(memory_tracker: UsageTracker) -> None:
+    prices = {**PRICES, "cheap": PRICES["m"]}
+    with UsageTracker(
+        "memory://", budgets=[Budget(limit_tokens=100, per="model")], prices=prices
+    ) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=100), model="m")
+        with pytest.raises(BudgetExceededError, match="model m"):
+            tracker.reserve(model="m", prompt_tokens=1, max_output_tokens=0)
+        assert tracker.reserve(model="cheap", prompt_tokens=1, max_output_tokens=0) is not None
+
+
+def test_period_rollover_frees_the_budget(sqlite_url: str) -> None:
+    provider = Provider()
+    with freeze_time("2026-11-23 23:59:00") as clock:
+        tracker = _tracker(sqlite_url, Budget(limit_tokens=200, period="day"))
+        provider(tracker)
+        provider(tracker)
+        with pytest.raises(BudgetExceededError, match="resets 2026-11-24T00:00Z"):
+            provider(tracker)
+        clock.move_to("2026-11-24 00:00:01")
+        provider(tracker)
+        assert provider.calls == 3
+        tracker.close()
+
+
+def test_rolling_windows_forget_old_spend(memory_tracker: UsageTracker) -> None:
+    provider = Provider()
+    with freeze_time("2026-11-23 10:00:00") as clock:
+        tracker = _tracker("memory://", Budget(limit_tokens=200, period=timedelta(hours=1)))
+        provider(tracker)
+        clock.tick(timedelta(minutes=30))
+        provider(tracker)
+        with pytest.raises(BudgetExceededError, match="in the last 1:00:00"):
+            provider(tracker)
+        clock.tick(timedelta(minutes=31))
+        provider(tracker)  # the first call left the window
+        with pytest.raises(BudgetExceededError):
+            provider(tracker)
+        tracker.close()
+
+
+def test_session_budgets_and_nesting(memory_tracker: UsageTracker) -> None:
+    provider = Provider()
+    tracker = _tracker("memory://")
+    with tracker.session("outer", max_tokens=500):
+        with tracker.session("inner", max_tokens=200):
+            provider(tracker)
+            provider(tracker)
+            with pytest.raises(BudgetExceededError, match="session inner"):
+                provider(tracker)
+        provider(tracker)
+        provider(tracker)
+        with pytest.raises(BudgetExceededError, match="session outer"):
+            provider(tracker)  # 400 spent + 100 requested fits; the sixth does not
+            provider(tracker)
+    provider(tracker)  # the sessions are closed: their budgets no longer apply
+    assert provider.calls == 6
+    assert not tracker.has_budgets
+    tracker.close()
+
+
+def test_warning_fires_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[BudgetWarning] = []
+    budget = Budget(limit_tokens=1000, period="day", warn_at=0.5, on_warning=seen.append)
+    provider = Provider()
+    with freeze_time("2026-11-23 08:00:00") as clock, caplog.at_level(logging.WARNING):
+        tracker = _tracker("memory://", budget)
+        for _ in range(9):
+            provider(tracker)
+        assert len(seen) == 1 and seen[0].spent_tokens == 500
+        clock.move_to("2026-11-24 08:00:00")
+        for _ in range(6):
+            provider(tracker)
+        tracker.close()
+    assert [w.spent_tokens for w in seen] == [500, 500]
+    assert sum("crossed 50%" in message for message in caplog.messages) == 2
+
+
+def test_on_exceed_warn_lets_the_call_through(caplog: pytest.LogCaptureFixture) -> None:
+    provider = Provider()
+    with (
+        caplog.at_level(logging.WARNING),
+        _tracker("memory://", Budget(limit_tokens=100, on_exceed="warn")) as tracker,
+    ):
+        provider(tracker)
+        provider(tracker)
+    assert provider.calls == 2
+    assert any("on_exceed='warn'" in message for message in caplog.messages)
+
+
+def test_reservations_hold_until_settled_released_or_expired(memory_tracker: UsageTracker) -> None:
+    with freeze_time("2026-11-23 08:00:00") as clock:
+        tracker = _tracker(
+            "memory://", Budget(limit_tokens=1000), reservation_ttl=timedelta(minutes=5)
+        )
+        held = tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400)
+        assert held is not None and held.tokens == 800
+        with pytest.raises(BudgetExceededError):
+            tracker.reserve(model="m", prompt_tokens=100, max_output_tokens=200)
+        tracker.release(held)
+        crashed = tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400)
+        assert crashed is not None  # its process dies: never settled, never released
+        clock.tick(timedelta(minutes=6))
+        assert tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400) is not None
+        tracker.close()
+
+
+def test_default_output_allowance_is_reserved_when_max_tokens_is_unknown() -> None:
+    with _tracker(
+        "memory://", Budget(limit_tokens=10_000), default_output_allowance=700
+    ) as tracker:
+        reservation = tracker.reserve(model="m", prompt_tokens=50)
+        assert reservation is not None and reservation.tokens == 750
+
+
+def test_unbudgeted_trackers_reserve_nothing(memory_tracker: UsageTracker) -> None:
+    assert memory_tracker.reserve(model="m", prompt_tokens=10**9) is None
+
+
+def test_add_budget_later_and_duplicate_labels() -> None:
+    with _tracker("memory://") as tracker:
+        tracker.add_budget(Budget(limit_usd=1, per="user", period="day"))
+        with pytest.raises(ValueError, match="name="):
+            tracker.add_budget(Budget(limit_usd=1, per="user", period="day"))
+        tracker.add_budget(Budget(limit_usd=1, per="user", period="day", name="second"))
+        assert len(tracker.budgets) == 2
