@@ -259,3 +259,28 @@ def test_add_budget_later_and_duplicate_labels() -> None:
             tracker.add_budget(Budget(limit_usd=1, per="user", period="day"))
         tracker.add_budget(Budget(limit_usd=1, per="user", period="day", name="second"))
         assert len(tracker.budgets) == 2
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_budget_database_outage_fails_closed_by_default_or_open_on_request(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+
+    from usage_callbacks import BudgetUnavailableError
+
+    def database_gone(*_: object, **__: object) -> None:
+        raise sa.exc.OperationalError("BEGIN", {}, ConnectionRefusedError("server closed"))
+
+    provider = Provider()
+    with _tracker("memory://", Budget(limit_usd=5), budget_failure_mode=mode) as tracker:
+        monkeypatch.setattr(tracker.store.ledger, "reserve", database_gone)
+        monkeypatch.setattr(tracker.store.ledger, "settle", database_gone)
+        if mode == "closed":
+            with pytest.raises(BudgetUnavailableError, match="fail-closed"):
+                provider(tracker)
+            assert provider.calls == 0
+        else:
+            provider(tracker)
+            assert provider.calls == 1
+            assert len(tracker.records()) == 1  # the record is kept even if booking failed

@@ -4,7 +4,12 @@ Framework integrations live in ``usage_callbacks.langchain`` and
 ``usage_callbacks.llamaindex``; importing this package never imports a framework.
 """
 
-from usage_callbacks.budgets import Budget, BudgetExceededError, BudgetWarning
+from usage_callbacks.budgets import (
+    Budget,
+    BudgetExceededError,
+    BudgetUnavailableError,
+    BudgetWarning,
+)
 from usage_callbacks.pricing import ModelPrice, PriceTable, calculate_cost, price
 from usage_callbacks.sessions import UsageSession, active_sessions
 from usage_callbacks.store import (
@@ -31,6 +36,7 @@ __all__ = [
     "Budget",
     "BudgetExceededError",
     "BudgetStatus",
+    "BudgetUnavailableError",
     "BudgetWarning",
     "EncodingUnavailableError",
     "GroupSummary",

@@ -176,9 +176,11 @@ class BudgetExceededError(Exception):
 
     def _message(self) -> str:
         def amount(value: Decimal | int) -> str:
-            if self.unit == "usd":
-                return f"${Decimal(value).quantize(Decimal('0.01')) if value >= Decimal('0.01') or value == 0 else Decimal(value).normalize()}"
-            return f"{int(value):,} tokens"
+            if self.unit == "tokens":
+                return f"{int(value):,} tokens"
+            value = Decimal(value)
+            cents = value.quantize(Decimal("0.01"))
+            return f"${cents if cents == value or value >= 1 else value.normalize()}"
 
         who = "global" if self.budget.per == "global" else f"{self.budget.per} {self.key}"
         if self.budget.session_only:
@@ -192,11 +194,37 @@ class BudgetExceededError(Exception):
         return f"{text} [budget {self.budget.label}]"
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across process pools
-        return (_rebuild_error, (self.__dict__.copy(),))
+        return (_rebuild_error, (type(self), self.__dict__.copy()))
 
 
-def _rebuild_error(state: dict[str, Any]) -> BudgetExceededError:
-    error = BudgetExceededError.__new__(BudgetExceededError)
+def _rebuild_error(cls: type[BudgetExceededError], state: dict[str, Any]) -> BudgetExceededError:
+    error = cls.__new__(cls)
     error.__dict__.update(state)
     Exception.__init__(error, error._message())
     return error
+
+
+class BudgetUnavailableError(BudgetExceededError):
+    """Fail-closed refusal: the budget could not be checked because its database is away."""
+
+    def __init__(self, budget: Budget, key: str, cause: Exception) -> None:
+        now = datetime.now(timezone.utc)
+        start, end = budget.window(now)
+        self.cause = cause
+        super().__init__(
+            budget=budget,
+            key=key,
+            unit="usd" if budget.limit_usd is not None else "tokens",
+            limit=budget.limit_usd if budget.limit_usd is not None else budget.limit_tokens or 0,
+            spent=0,
+            requested=0,
+            period_start=start,
+            period_end=end,
+        )
+
+    def _message(self) -> str:
+        return (
+            f"budget {self.budget.label} could not be checked ({self.cause}); refusing the call "
+            "(fail-closed). Pass budget_failure_mode='open' to UsageTracker to allow calls "
+            "while the database is away."
+        )

@@ -11,10 +11,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from usage_callbacks.budgets import Budget, BudgetWarning, CallScope
+from usage_callbacks.budgets import (
+    Budget,
+    BudgetExceededError,
+    BudgetUnavailableError,
+    BudgetWarning,
+    CallScope,
+)
 from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
 from usage_callbacks.runs import RunRegistry
 from usage_callbacks.sessions import UsageSession, active_sessions
@@ -22,6 +29,7 @@ from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
 from usage_callbacks.store.ledger import BudgetStatus, Charge
 from usage_callbacks.store.models import UsageRecord, utcnow
+from usage_callbacks.store.spill import SpillFile, ingest_file
 from usage_callbacks.store.writer import BatchWriter
 from usage_callbacks.usage import CallType, TokenUsage
 
@@ -52,9 +60,14 @@ class UsageTracker:
 
     ``url`` is a SQLAlchemy URL (``sqlite:///usage.db``, ``postgresql+psycopg://...``) or
     ``memory://``; None reads ``$USAGE_CALLBACKS_DB`` and falls back to
-    ``sqlite:///usage.db``. Records are written in batches from a background thread
+    ``sqlite:///usage.db``. When the budget database cannot be reached,
+    ``budget_failure_mode="closed"`` (the default) refuses calls with
+    BudgetUnavailableError (a BudgetExceededError); ``"open"`` allows them with a warning.
+    Records are written in batches from a background thread
     (at most ``batch_size`` records or ``flush_interval`` seconds old); ``durable=True``
-    writes each record before ``record()`` returns.
+    writes each record before ``record()`` returns. While the database is away records
+    wait in memory (at most ``max_buffer``), then spill to ``spill_path`` (JSONL), and
+    are re-ingested when it returns.
     """
 
     def __init__(
@@ -70,6 +83,9 @@ class UsageTracker:
         default_output_allowance: int = DEFAULT_OUTPUT_ALLOWANCE,
         exporters: Iterable[UsageExporter] = (),
         log_usage: bool = False,
+        budget_failure_mode: Literal["closed", "open"] = "closed",
+        max_buffer: int = 100_000,
+        spill_path: str | Path | None = None,
     ) -> None:
         self.store = open_store(url)
         self.pricer = Pricer(prices)
@@ -77,6 +93,9 @@ class UsageTracker:
         self.durable = durable
         self.reservation_ttl = reservation_ttl
         self.default_output_allowance = default_output_allowance
+        if budget_failure_mode not in ("closed", "open"):
+            raise ValueError("budget_failure_mode must be 'closed' (refuse) or 'open' (allow)")
+        self.budget_failure_mode = budget_failure_mode
         self._budgets: list[Budget] = []
         self._session_budgets: dict[str, Budget] = {}
         self._budget_lock = threading.Lock()
@@ -87,7 +106,13 @@ class UsageTracker:
             from usage_callbacks.exporters.log import LogExporter
 
             self._exporters.append(LogExporter())
-        self._writer = BatchWriter(self.store, batch_size=batch_size, max_delay=flush_interval)
+        self._writer = BatchWriter(
+            self.store,
+            batch_size=batch_size,
+            max_delay=flush_interval,
+            max_buffer=max_buffer,
+            spill=SpillFile(Path(spill_path)) if spill_path else None,
+        )
         self._closed = False
         self._atexit = _register_atexit(self)
 
@@ -176,10 +201,24 @@ class UsageTracker:
         reservation = Reservation(
             id=uuid.uuid4().hex, charges=charges, usd=usd, tokens=estimate.total, estimate=estimate
         )
-        self.store.ledger.reserve(
-            reservation.id, charges, usd, reservation.tokens, utcnow(), self.reservation_ttl
-        )
+        try:
+            self.store.ledger.reserve(
+                reservation.id, charges, usd, reservation.tokens, utcnow(), self.reservation_ttl
+            )
+        except BudgetExceededError:
+            raise
+        except Exception as error:
+            return self._ledger_unavailable(error, charges, reservation)
         return reservation
+
+    def _ledger_unavailable(
+        self, error: Exception, charges: Sequence[Charge], reservation: Reservation
+    ) -> Reservation | None:
+        """The budget database is away: refuse (fail-closed) or allow with a warning."""
+        if self.budget_failure_mode == "open":
+            logger.warning("budget database unavailable (%s); allowing the call (fail-open)", error)
+            return None
+        raise BudgetUnavailableError(charges[0].budget, charges[0].key, error) from error
 
     def release(self, reservation: Reservation | None) -> None:
         """Drop a reservation whose call never happened (never raises)."""
@@ -367,7 +406,7 @@ class UsageTracker:
     # ------------------------------------------------------------------ reading
 
     def records(self, *, limit: int | None = None, **filters: Any) -> list[UsageRecord]:
-        """Stored records matching ``user_id``/``session_id``/``model``/``provider``/``since``/``until``."""
+        """Stored records; filters: user_id, session_id, model, provider, since, until."""
         self.flush()
         return self.store.records(UsageFilter(**filters), limit)
 
@@ -375,6 +414,15 @@ class UsageTracker:
         """Totals, per-group totals and per-call token percentiles, aggregated in SQL."""
         self.flush()
         return self.store.summary(UsageFilter(**filters), group_by)
+
+    def ingest(self, path: str | Path) -> int:
+        """Store the records of a spill file (already stored ones are skipped)."""
+        return ingest_file(Path(path), self.store)
+
+    @property
+    def spill_path(self) -> Path:
+        """Where records go when the database is away and the buffer is full."""
+        return self._writer.spill_path
 
     def purge(self, before: datetime) -> int:
         """Delete records that ended before ``before``; returns how many."""

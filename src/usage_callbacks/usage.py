@@ -119,10 +119,7 @@ def _field(obj: Any, *path: str) -> Any:
     for key in path:
         if obj is None:
             return None
-        if isinstance(obj, Mapping):
-            obj = obj.get(key)
-        else:
-            obj = getattr(obj, key, None)
+        obj = obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
     return obj
 
 

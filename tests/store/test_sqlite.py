@@ -52,13 +52,13 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     UsageTracker(url).close()
     with sqlite3.connect(tmp_path / "new.db") as connection:
         connection.execute("UPDATE usage_schema SET version = 99")
-    with pytest.raises(SchemaTooNewError, match="v99.*Upgrade usage-callbacks"):
+    with pytest.raises(SchemaTooNewError, match=r"v99.*Upgrade usage-callbacks"):
         UsageTracker(url)
 
 
 @pytest.mark.parametrize("url", ["not a url", "nosuchdb://x/y"])
 def test_bad_urls_fail_fast_with_advice(url: str) -> None:
-    with pytest.raises(StoreConfigurationError, match="sqlite:///usage.db|cannot"):
+    with pytest.raises(StoreConfigurationError, match=r"sqlite:///usage\.db|cannot"):
         UsageTracker(url)
 
 

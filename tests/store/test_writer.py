@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from usage_callbacks.store.models import UsageRecord
+from usage_callbacks.store.spill import SpillFile, read_records
 from usage_callbacks.store.writer import BatchWriter
 
 
@@ -96,3 +98,49 @@ def test_concurrent_submitters_lose_nothing() -> None:
     ids = [i for batch in store.batches for i in batch]
     assert len(ids) == len(set(ids)) == 8000
     writer.close()
+
+
+def test_overflow_spills_to_jsonl_and_is_reingested_when_the_store_returns(
+    tmp_path: Path,
+) -> None:
+    store = _RecordingStore(failures=10**6)
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    writer = BatchWriter(store, batch_size=10, max_delay=0.01, max_buffer=20, spill=spill)
+    records = [UsageRecord(prompt_tokens=i, total_tokens=i) for i in range(55)]
+    for record in records:
+        writer.submit(record)
+    assert spill.exists()
+    spilled = [record.id for record in read_records(spill.path)]
+    assert len(spilled) >= 30 and writer.pending <= 20
+    with store.lock:
+        store.failures = 0  # the database is back
+    assert writer.flush(timeout=30)
+    deadline = time.monotonic() + 10
+    while spill.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    written = [i for batch in store.batches for i in batch]
+    assert sorted(written) == sorted(record.id for record in records)
+    assert not spill.path.exists()
+    writer.close()
+
+
+def test_spill_files_round_trip_every_field(tmp_path: Path) -> None:
+    from decimal import Decimal
+
+    from usage_callbacks import TokenUsage, UsageTracker
+
+    with UsageTracker("memory://") as source:
+        record = source.record(
+            TokenUsage(prompt_tokens=5, completion_tokens=2, cost_estimate_usd=Decimal("0.1")),
+            model="m",
+            user_id="ü",
+            tags=["t"],
+        )
+    spill = SpillFile(tmp_path / "s.jsonl")
+    spill.append([record])
+    (tmp_path / "s.jsonl").open("a").write("not json\n")
+    with UsageTracker("memory://") as target:
+        assert target.ingest(spill.path) == 1
+        assert target.ingest(spill.path) == 1  # idempotent: still one row
+        [copy] = target.records()
+    assert copy.model_dump() == record.model_dump()

@@ -8,7 +8,7 @@ from usage_callbacks.store.models import UsageRecord
 
 
 class LogExporter:
-    """``Token usage: prompt=1234, completion=567, total=1801, embedding=0, model=..., cost=$...``"""
+    """Logs ``Token usage: prompt=1234, completion=567, total=1801, embedding=0, ...``."""
 
     def __init__(self, logger: logging.Logger | None = None, level: int = logging.INFO) -> None:
         self.logger = logger or logging.getLogger("usage_callbacks")

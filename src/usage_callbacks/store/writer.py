@@ -2,7 +2,8 @@
 
 A record waits at most ``max_delay`` seconds or until ``batch_size`` records are queued.
 Failed batches stay queued and are retried with backoff; the queue is bounded by
-``max_buffer`` and the oldest records beyond it are dropped with an error log.
+``max_buffer``, and when it overflows the oldest batch is spilled to a local JSONL file,
+which is re-ingested as soon as the store accepts writes again.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from usage_callbacks.store.models import UsageRecord
+from usage_callbacks.store.spill import SpillFile, default_spill_path
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -33,6 +36,7 @@ class BatchWriter:
         batch_size: int = 500,
         max_delay: float = 0.5,
         max_buffer: int = 100_000,
+        spill: SpillFile | None = None,
     ) -> None:
         if batch_size < 1 or max_delay <= 0 or max_buffer < batch_size:
             raise ValueError("need batch_size >= 1, max_delay > 0 and max_buffer >= batch_size")
@@ -40,6 +44,7 @@ class BatchWriter:
         self._batch_size = batch_size
         self._max_delay = max_delay
         self._max_buffer = max_buffer
+        self._spill = spill or SpillFile(default_spill_path())
         self._pending: deque[UsageRecord] = deque()
         self._condition = threading.Condition()
         self._written = 0  # records handed over so far, for flush() to wait on
@@ -62,11 +67,35 @@ class BatchWriter:
             self._pending.append(record)
             self._enqueued += 1
             if len(self._pending) > self._max_buffer:
-                self._pending.popleft()
-                self._written += 1
-                logger.error("usage buffer full (%d); dropped the oldest record", self._max_buffer)
+                self._spill_oldest()
             if len(self._pending) >= self._batch_size:
                 self._condition.notify_all()
+
+    def _spill_oldest(self) -> None:
+        """Move the oldest batch to the spill file (caller holds the condition)."""
+        count = min(self._batch_size, len(self._pending))
+        batch = [self._pending.popleft() for _ in range(count)]
+        try:
+            self._spill.append(batch)
+        except OSError:
+            logger.error(
+                "usage buffer full and spill file %s unwritable; %d records lost",
+                self._spill.path,
+                count,
+                exc_info=True,
+            )
+        else:
+            logger.warning(
+                "usage buffer full (%d); spilled %d records to %s",
+                self._max_buffer,
+                count,
+                self._spill.path,
+            )
+        self._written += count
+
+    @property
+    def spill_path(self) -> Path:
+        return self._spill.path
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Block until everything submitted so far is written; False on timeout."""
@@ -117,6 +146,14 @@ class BatchWriter:
             self._oldest_at = time.monotonic()
             return self._inflight
 
+    def _reingest_spill(self) -> None:
+        try:
+            count = self._spill.drain(self._store, self._batch_size)
+        except Exception:
+            logger.warning("re-ingesting %s failed; will retry", self._spill.path, exc_info=True)
+        else:
+            logger.warning("store is back: re-ingested %d spilled records", count)
+
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
@@ -136,6 +173,8 @@ class BatchWriter:
                     self._inflight = []
                 time.sleep(delay)
                 continue
+            if self._failures and self._spill.exists():
+                self._reingest_spill()
             self._failures = 0
             with self._condition:
                 self._written += len(batch)

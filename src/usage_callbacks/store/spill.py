@@ -1,0 +1,87 @@
+"""A local JSONL file for records the database could not take while it was away.
+
+When the write buffer overflows during an outage, the oldest records go here instead
+of being dropped; they are re-ingested (idempotently, by record id) once writes succeed
+again, or by hand with ``usage-callbacks ingest FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from usage_callbacks.store.models import UsageRecord
+
+logger = logging.getLogger("usage_callbacks")
+
+
+class _Writable(Protocol):
+    def write(self, records: Sequence[UsageRecord]) -> None: ...
+
+
+def default_spill_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "usage-callbacks" / f"spill-{os.getpid()}.jsonl"
+
+
+class SpillFile:
+    """Append-only JSONL of UsageRecords; thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def append(self, records: Iterable[UsageRecord]) -> int:
+        lines = [record.model_dump_json() + "\n" for record in records]
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.writelines(lines)
+                handle.flush()
+                os.fsync(handle.fileno())
+        return len(lines)
+
+    def exists(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+    def drain(self, store: _Writable, batch_size: int = 1000) -> int:
+        """Write every spilled record to ``store`` and delete the file; returns the count."""
+        with self._lock:
+            if not self.path.exists():
+                return 0
+            count = ingest_file(self.path, store, batch_size)
+            self.path.unlink()
+            return count
+
+
+def read_records(path: Path) -> Iterator[UsageRecord]:
+    """Records of a spill file; malformed lines are logged and skipped."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield UsageRecord.model_validate(json.loads(line))
+            except (ValueError, TypeError) as error:
+                logger.warning("%s:%d: skipping malformed record (%s)", path, number, error)
+
+
+def ingest_file(path: Path, store: _Writable, batch_size: int = 1000) -> int:
+    """Write a spill file's records to ``store`` (already stored ids are skipped)."""
+    batch: list[UsageRecord] = []
+    count = 0
+    for record in read_records(path):
+        batch.append(record)
+        if len(batch) >= batch_size:
+            store.write(batch)
+            count += len(batch)
+            batch = []
+    if batch:
+        store.write(batch)
+        count += len(batch)
+    return count
