@@ -17,6 +17,7 @@ from sqlmodel import Field, SQLModel
 from usage_callbacks.usage import TokenUsage
 
 PICO = Decimal(10) ** 12
+#: Bumped when tables change; a database without a version row is v0 (pre-release builds).
 SCHEMA_VERSION = 1
 
 

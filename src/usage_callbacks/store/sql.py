@@ -33,6 +33,7 @@ from usage_callbacks.usage import TokenUsage
 logger = logging.getLogger("usage_callbacks")
 
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SCHEMA_LOCK_ID = 0x75736167655F6362  # "usage_cb": serializes schema changes on PostgreSQL
 _PERCENTILES = (50, 95, 99)
 
 
@@ -108,24 +109,48 @@ class SqlStore:
     # ------------------------------------------------------------------ schema
 
     def _ensure_schema(self) -> None:
+        """Create or upgrade the tables, one process at a time."""
         try:
-            SQLModel.metadata.create_all(self.engine)
-            with Session(self.engine) as session:
-                info = session.get(SchemaInfo, 1)
-                if info is None:
-                    session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-                    session.commit()
-                elif info.version > SCHEMA_VERSION:
-                    raise SchemaTooNewError(
-                        f"{self._safe_url()} holds usage-callbacks schema v{info.version}; "
-                        f"this version reads v{SCHEMA_VERSION}. Upgrade usage-callbacks."
-                    )
-        except sa.exc.IntegrityError:
-            pass  # another process wrote the version row first
+            with self.lock, self.engine.connect() as connection:
+                if self.dialect == "sqlite":
+                    connection.info["begin_mode"] = "IMMEDIATE"
+                with connection.begin():
+                    if self.dialect == "postgresql":
+                        connection.execute(
+                            sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID}
+                        )
+                    self._migrate(connection)
         except sa.exc.DatabaseError as error:
             raise StoreConfigurationError(
                 f"cannot use {self._safe_url()} as a usage database: {error.orig}"
             ) from error
+
+    def _migrate(self, connection: sa.Connection) -> None:
+        had_records = sa.inspect(connection).has_table("usage_records")
+        SQLModel.metadata.create_all(connection)
+        stored = connection.execute(
+            sa.select(SchemaInfo.version).where(SchemaInfo.id == 1)  # type: ignore[arg-type]
+        ).scalar()
+        version = stored if stored is not None else (0 if had_records else SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNewError(
+                f"{self._safe_url()} holds usage-callbacks schema v{version}; "
+                f"this version reads v{SCHEMA_VERSION}. Upgrade usage-callbacks."
+            )
+        if version < SCHEMA_VERSION:
+            added = _add_missing_columns(connection)
+            logger.warning(
+                "upgraded %s from schema v%d to v%d (added %s)",
+                self._safe_url(),
+                version,
+                SCHEMA_VERSION,
+                ", ".join(added) or "nothing",
+            )
+        table = SchemaInfo.__table__  # type: ignore[attr-defined]
+        if stored is None:
+            connection.execute(sa.insert(table).values(id=1, version=SCHEMA_VERSION))
+        elif stored != SCHEMA_VERSION:
+            connection.execute(sa.update(table).values(version=SCHEMA_VERSION))
 
     def _safe_url(self) -> str:
         if self.url.startswith("memory://"):
@@ -303,6 +328,35 @@ _SUMMED = (
     "reasoning_tokens",
     "cost_estimate_usd",
 )
+
+
+def _add_missing_columns(connection: sa.Connection) -> list[str]:
+    """Bring tables written by an older version up to date: add the columns they lack.
+
+    Every column added since the first release has a default, which fills the old rows.
+    """
+    inspector = sa.inspect(connection)
+    added = []
+    preparer = connection.dialect.identifier_preparer
+    for table in SQLModel.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl_type = column.type.compile(dialect=connection.dialect)
+            default = column.default.arg if column.default is not None else None
+            clause = ""
+            if default is not None and not callable(default):
+                literal = sa.literal(default, column.type).compile(
+                    dialect=connection.dialect, compile_kwargs={"literal_binds": True}
+                )
+                clause = f" NOT NULL DEFAULT {literal}"
+            connection.exec_driver_sql(
+                f"ALTER TABLE {preparer.quote(table.name)} "
+                f"ADD COLUMN {preparer.quote(column.name)} {ddl_type}{clause}"
+            )
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def _aware(value: Any) -> datetime | None:

@@ -1,4 +1,4 @@
-"""SQLite specifics: WAL for many processes, schema versions, bad URLs."""
+"""Files and schemas: WAL for many processes, schema versions and upgrades, bad URLs."""
 
 from __future__ import annotations
 
@@ -79,3 +79,50 @@ def test_default_url_comes_from_the_environment(
     with engine.connect() as connection:
         assert connection.exec_driver_sql("SELECT count(*) FROM usage_records").scalar() == 1
     engine.dispose()
+
+
+OLD_SCHEMA = """
+CREATE TABLE usage_records (
+    id VARCHAR(32) PRIMARY KEY, started_at DATETIME NOT NULL, ended_at DATETIME NOT NULL,
+    latency_ms FLOAT, framework VARCHAR(32) NOT NULL, provider VARCHAR(128),
+    model VARCHAR(256), call_type VARCHAR(16) NOT NULL, run_id VARCHAR(64),
+    parent_run_id VARCHAR(64), session_id VARCHAR(256), user_id VARCHAR(256),
+    tags JSON NOT NULL, status VARCHAR(16) NOT NULL, cost_known BOOLEAN NOT NULL,
+    prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
+    total_tokens BIGINT NOT NULL, embedding_tokens BIGINT NOT NULL,
+    cache_read_tokens BIGINT NOT NULL, cache_write_tokens BIGINT NOT NULL,
+    reasoning_tokens BIGINT NOT NULL, cost_estimate_usd BIGINT NOT NULL,
+    estimated BOOLEAN NOT NULL
+);
+INSERT INTO usage_records VALUES ('a1', '2026-01-01 10:00:00', '2026-01-01 10:00:01', 1000.0,
+    'manual', 'openai', 'gpt-4o', 'chat', NULL, NULL, 's', 'u', '[]', 'ok', 1,
+    100, 20, 120, 0, 0, 0, 0, 5000000, 0);
+"""
+
+
+def test_a_database_of_an_older_schema_is_upgraded_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.executescript(OLD_SCHEMA)  # no version table, no cache_hit/error_type
+    with UsageTracker(f"sqlite:///{path}") as tracker:
+        [old] = tracker.records()
+        assert (old.id, old.total_tokens, old.cache_hit, old.error_type) == ("a1", 120, False, None)
+        assert str(old.cost_estimate_usd) == "0.000005"
+        tracker.record(TokenUsage(prompt_tokens=1), model="m", cache_hit=True)
+        assert tracker.summary().calls == 2
+    assert "from schema v0 to v1" in caplog.text
+    assert "usage_records.cache_hit" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_schema_creation_races_between_processes_are_safe(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+    script = (
+        "import sys; from usage_callbacks import UsageTracker; UsageTracker(sys.argv[1]).close()"
+    )
+    openers = [subprocess.Popen([sys.executable, "-c", script, url]) for _ in range(6)]
+    assert [opener.wait(timeout=120) for opener in openers] == [0] * 6
