@@ -89,3 +89,22 @@ def test_log_line(caplog: pytest.LogCaptureFixture) -> None:
         "Token usage: prompt=1234, completion=567, total=1801, embedding=0, model=gpt-4o-mini, "
         "cost=$0.000525" in caplog.messages
     )
+
+
+def _ids_in_child(_: int) -> list[str]:
+    from usage_callbacks.store.models import new_record_id
+
+    return [new_record_id() for _ in range(1000)]
+
+
+def test_record_ids_stay_unique_across_forked_workers() -> None:
+    import multiprocessing
+
+    from usage_callbacks.store.models import new_record_id
+
+    parent = [new_record_id() for _ in range(1000)]
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        children = pool.map(_ids_in_child, range(8))
+    every = parent + [i for ids in children for i in ids]
+    assert len(set(every)) == len(every) == 9000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in every)

@@ -28,7 +28,7 @@ from usage_callbacks.sessions import UsageSession, active_sessions
 from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
 from usage_callbacks.store.ledger import BudgetStatus, Charge
-from usage_callbacks.store.models import UsageRecord, utcnow
+from usage_callbacks.store.models import UsageRecord, new_record_id, utcnow
 from usage_callbacks.store.spill import SpillFile, ingest_file
 from usage_callbacks.store.writer import BatchWriter
 from usage_callbacks.usage import CallType, TokenUsage
@@ -287,24 +287,27 @@ class UsageTracker:
             usage = usage.with_cost(priced.cost_usd)
             cost_known = priced.known
         session_tags = [tag for session in sessions for tag in session.tags]
-        record = UsageRecord(
-            started_at=started_at or ended_at,
-            ended_at=ended_at,
-            latency_ms=latency_ms,
-            framework=framework,
-            provider=provider,
-            model=model,
-            call_type=call_type,
-            run_id=None if run_id is None else str(run_id),
-            parent_run_id=None if parent_run_id is None else str(parent_run_id),
-            session_id=session_id,
-            user_id=user_id,
-            tags=list(dict.fromkeys([*(tags or ()), *session_tags])),
-            status=status,
-            error_type=error_type,
-            cache_hit=cache_hit,
-            cost_known=cost_known,
-            **{name: getattr(usage, name) for name in _USAGE_FIELDS},
+        record = UsageRecord.from_values(
+            {
+                "id": new_record_id(),
+                "started_at": started_at or ended_at,
+                "ended_at": ended_at,
+                "latency_ms": latency_ms,
+                "framework": framework,
+                "provider": provider,
+                "model": model,
+                "call_type": call_type,
+                "run_id": None if run_id is None else str(run_id),
+                "parent_run_id": None if parent_run_id is None else str(parent_run_id),
+                "session_id": session_id,
+                "user_id": user_id,
+                "tags": list(dict.fromkeys([*(tags or ()), *session_tags])),
+                "status": status,
+                "error_type": error_type,
+                "cache_hit": cache_hit,
+                "cost_known": cost_known,
+                **{name: getattr(usage, name) for name in _USAGE_FIELDS},
+            }
         )
         self._settle(record, sessions, reservation)
         for session in sessions:

@@ -6,6 +6,8 @@ which has no decimal type; they come back as ``Decimal`` USD.
 
 from __future__ import annotations
 
+import itertools
+import os
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -63,8 +65,23 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=timezone.utc)
 
 
-def _new_id() -> str:
-    return uuid.uuid4().hex
+class _RecordIds:
+    """Unique 32-hex ids without a syscall per record: a random 64-bit prefix per process
+    (renewed in forked children) and a counter. uuid4() cost ~10 µs of a ~30 µs hot path."""
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+new_record_id = _RecordIds()
 
 
 class UsageRecord(SQLModel, table=True):
@@ -79,7 +96,7 @@ class UsageRecord(SQLModel, table=True):
         sa.Index("ix_usage_records_run_id", "run_id"),
     )
 
-    id: str = Field(default_factory=_new_id, primary_key=True, max_length=32)
+    id: str = Field(default_factory=new_record_id, primary_key=True, max_length=32)
     started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     ended_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     latency_ms: float | None = None
@@ -115,7 +132,23 @@ class UsageRecord(SQLModel, table=True):
 
     def row(self) -> dict[str, Any]:
         """Column values for a bulk insert (bypasses ORM unit-of-work overhead)."""
-        return {name: getattr(self, name) for name in RECORD_COLUMNS}
+        values = self.__dict__
+        return {
+            name: values[name] if name in values else getattr(self, name) for name in RECORD_COLUMNS
+        }
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> UsageRecord:
+        """A record from complete, already valid column values, built the way SQLAlchemy
+        builds loaded rows: ~50x cheaper than ``UsageRecord(**values)``, whose per-field
+        instrumentation dominated the tracker's hot path."""
+        missing = _COLUMN_SET.difference(values)
+        if missing:
+            raise ValueError(f"from_values needs every column; missing {sorted(missing)}")
+        record: UsageRecord = cls._sa_class_manager.new_instance()  # type: ignore[attr-defined]
+        record.__dict__.update(values)
+        object.__setattr__(record, "__pydantic_fields_set__", set(values))
+        return record
 
 
 USAGE_COLUMNS = (
@@ -130,6 +163,7 @@ USAGE_COLUMNS = (
     "estimated",
 )
 RECORD_COLUMNS = tuple(UsageRecord.model_fields)
+_COLUMN_SET = frozenset(RECORD_COLUMNS)
 
 
 class SchemaInfo(SQLModel, table=True):
