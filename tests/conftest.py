@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from usage_callbacks import UsageTracker
 
@@ -34,7 +35,8 @@ def pg_server_url() -> Iterator[str]:
     """URL of a fresh database created for this test session, dropped afterwards."""
     name = f"usage_cb_{uuid.uuid4().hex[:10]}"
     try:
-        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        # NullPool: a fresh connection each time, so a test that restarts the server is fine
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         with admin.connect() as connection:
             connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except Exception as error:  # noqa: BLE001 - any failure means no server
@@ -49,7 +51,7 @@ def pg_server_url() -> Iterator[str]:
 @pytest.fixture
 def pg_url(pg_server_url: str) -> str:
     """The session's PostgreSQL database, emptied for this test."""
-    engine = sa.create_engine(pg_server_url)
+    engine = sa.create_engine(pg_server_url, poolclass=NullPool)
     with engine.begin() as connection:
         connection.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
     engine.dispose()

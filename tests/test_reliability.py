@@ -1,0 +1,157 @@
+"""Nothing lost: killed processes, a PostgreSQL outage, and a bounded soak."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from usage_callbacks import TokenUsage, UsageTracker
+
+# Records a burst, waits, records a tail, printing each acknowledged id (record()
+# returned); then blocks until killed.
+RECORDER = r"""
+import sys, time
+from usage_callbacks import TokenUsage, UsageTracker
+url, durable, burst, tail = sys.argv[1], sys.argv[2] == "durable", *map(int, sys.argv[3:])
+tracker = UsageTracker(url, durable=durable, batch_size=100, flush_interval=0.2)
+def calls(count):
+    for _ in range(count):
+        record = tracker.record(TokenUsage(prompt_tokens=3, completion_tokens=1), model="m")
+        print(record.id, flush=True)
+calls(burst)
+time.sleep(1.5)  # several age bounds: the burst must be on disk by now
+calls(tail)
+print("done", flush=True)
+time.sleep(600)
+"""
+
+
+def _record_then_kill(url: str, mode: str, burst: int, tail: int) -> list[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", RECORDER, url, mode, str(burst), str(tail)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    acknowledged = []
+    for line in process.stdout:
+        if line.strip() == "done":
+            break
+        acknowledged.append(line.strip())
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    return acknowledged
+
+
+def _stored_ids(url: str) -> set[str]:
+    with UsageTracker(url) as reader:
+        return {record.id for record in reader.records()}
+
+
+def test_sigkill_loses_nothing_in_durable_mode(sqlite_url: str) -> None:
+    acknowledged = _record_then_kill(sqlite_url, "durable", 250, 50)
+    assert len(acknowledged) == 300
+    assert _stored_ids(sqlite_url) == set(acknowledged)
+
+
+def test_sigkill_loses_at_most_the_unflushed_batch(sqlite_url: str) -> None:
+    acknowledged = _record_then_kill(sqlite_url, "batched", 1050, 30)
+    stored = _stored_ids(sqlite_url)
+    assert set(acknowledged[:1050]) <= stored  # older than the age bound: all on disk
+    assert stored <= set(acknowledged)
+    assert len(acknowledged) - len(stored) <= 30  # at most the unflushed tail
+
+
+def _pg_cluster() -> tuple[str, str]:
+    versions = os.listdir("/etc/postgresql")
+    return versions[0], "main"
+
+
+@pytest.mark.skipif(shutil.which("pg_ctlcluster") is None, reason="needs pg_ctlcluster")
+def test_postgresql_outage_mid_run_loses_nothing(pg_url: str, tmp_path: Path) -> None:
+    """Stops the real server while recording, then starts it again."""
+    version, cluster = _pg_cluster()
+    tracker = UsageTracker(
+        pg_url,
+        batch_size=20,
+        flush_interval=0.05,
+        max_buffer=100,
+        spill_path=tmp_path / "spill.jsonl",
+    )
+    ids = [tracker.record(TokenUsage(prompt_tokens=1), model="m").id for _ in range(50)]
+    assert tracker.flush(timeout=30)
+    stop = ["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster]
+    subprocess.run([*stop, "stop", "-m", "fast"], check=True, timeout=60)
+    try:
+        for _ in range(400):  # more than the buffer holds: the overflow spills to disk
+            ids.append(tracker.record(TokenUsage(prompt_tokens=1), model="m").id)
+        assert tracker.flush(timeout=1) is False or tracker.spill_path.exists()
+        time.sleep(0.5)
+        assert tracker.spill_path.exists()
+    finally:
+        subprocess.run([*stop, "start"], check=True, timeout=60)
+    assert tracker.flush(timeout=60)
+    deadline = time.monotonic() + 30
+    while tracker.spill_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tracker.close()
+    assert _stored_ids(pg_url) == set(ids)
+
+
+SOAKER = r"""
+import resource, sys, threading
+from usage_callbacks import TokenUsage, UsageTracker
+url, per_thread = sys.argv[1], int(sys.argv[2])
+tracker = UsageTracker(url)
+usage = TokenUsage(prompt_tokens=7, completion_tokens=3)
+def work(index):
+    for _ in range(per_thread):
+        tracker.record(usage, model="gpt-4o-mini", user_id=f"user-{index}")
+def rss_kb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+tracker.record(usage, model="warmup"); tracker.flush(); start = rss_kb()
+[t.start() for t in threads]; [t.join() for t in threads]
+tracker.close()
+print(start, rss_kb())
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_soak_two_processes_of_eight_threads_count_exactly(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+    UsageTracker(url).close()
+    per_thread = 2500
+    soakers = [
+        subprocess.Popen(
+            [sys.executable, "-c", SOAKER, url, str(per_thread)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    growth_kb = []
+    for soaker in soakers:
+        out, _ = soaker.communicate(timeout=600)
+        assert soaker.returncode == 0
+        start, end = map(int, out.split())
+        growth_kb.append(end - start)
+    with UsageTracker(url) as reader:
+        summary = reader.summary(group_by="user")
+    assert summary.calls == 2 * 8 * per_thread + 2
+    assert {g.key: g.calls for g in summary.groups if g.key} == {
+        f"user-{i}": 2 * per_thread for i in range(8)
+    }
+    assert summary.usage.total_tokens == 10 * summary.calls
+    # per 100k records: the queue is drained continuously, so memory stays bounded
+    per_100k_mb = max(growth_kb) / 1024 / (8 * per_thread) * 100_000
+    print(f"{backend}: peak RSS growth {max(growth_kb)} kB, {per_100k_mb:.1f} MB per 100k records")
+    assert per_100k_mb < 200
