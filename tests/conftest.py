@@ -39,7 +39,7 @@ def pg_server_url() -> Iterator[str]:
         admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         with admin.connect() as connection:
             connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:  # noqa: BLE001 - any failure means no server
+    except Exception as error:
         _pg_unavailable(str(error).splitlines()[0])
     url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     yield url

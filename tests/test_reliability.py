@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from usage_callbacks import TokenUsage, UsageTracker
 
