@@ -234,7 +234,7 @@ class UsageTracker:
     def budget_status(self) -> list[BudgetStatus]:
         """Spend, holds and headroom of every budget for every key seen this period."""
         now = utcnow()
-        charges = []
+        charges: list[Charge] = []
         for budget in self.budgets:
             keys = self.store.ledger.scope_keys(budget, now)
             if budget.per == "global" and "*" not in keys:

@@ -33,7 +33,7 @@ logger = logging.getLogger("usage_callbacks")
 class BudgetCounter(SQLModel, table=True):
     """Spend booked against one budget, scope key and period bucket."""
 
-    __tablename__: ClassVar[str] = "budget_counters"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "budget_counters"
 
     budget: str = Field(primary_key=True, max_length=256)
     scope_key: str = Field(primary_key=True, max_length=256)
@@ -46,7 +46,7 @@ class BudgetCounter(SQLModel, table=True):
 class BudgetHold(SQLModel, table=True):
     """Money and tokens reserved by a call in flight."""
 
-    __tablename__: ClassVar[str] = "budget_holds"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "budget_holds"
     __table_args__ = (sa.Index("ix_budget_holds_scope", "budget", "scope_key", "expires_at"),)
 
     reservation_id: str = Field(primary_key=True, max_length=32)

@@ -19,7 +19,7 @@ class MemoryStore(SqlStore):
     """Per-process, lock-serialized store; nothing survives the process."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()  # type: ignore[assignment]
+        self.lock = threading.RLock()
         super().__init__("memory://")
 
     def write(self, records: Sequence[UsageRecord]) -> None:

@@ -87,7 +87,7 @@ new_record_id = _RecordIds()
 class UsageRecord(SQLModel, table=True):
     """One tracked call: its TokenUsage plus who, what, when and how it went."""
 
-    __tablename__: ClassVar[str] = "usage_records"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "usage_records"
     __table_args__ = (
         sa.Index("ix_usage_records_ended_at", "ended_at"),
         sa.Index("ix_usage_records_user_ended", "user_id", "ended_at"),
@@ -169,7 +169,7 @@ _COLUMN_SET = frozenset(RECORD_COLUMNS)
 class SchemaInfo(SQLModel, table=True):
     """One row: the schema version the tables were written with."""
 
-    __tablename__: ClassVar[str] = "usage_schema"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "usage_schema"
 
     id: int = Field(default=1, primary_key=True)
     version: int = SCHEMA_VERSION

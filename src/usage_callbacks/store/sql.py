@@ -128,9 +128,8 @@ class SqlStore:
     def _migrate(self, connection: sa.Connection) -> None:
         had_records = sa.inspect(connection).has_table("usage_records")
         SQLModel.metadata.create_all(connection)
-        stored = connection.execute(
-            sa.select(SchemaInfo.version).where(SchemaInfo.id == 1)  # type: ignore[arg-type]
-        ).scalar()
+        schema = SchemaInfo.__table__  # type: ignore[attr-defined]
+        stored = connection.execute(sa.select(schema.c.version).where(schema.c.id == 1)).scalar()
         version = stored if stored is not None else (0 if had_records else SCHEMA_VERSION)
         if version > SCHEMA_VERSION:
             raise SchemaTooNewError(
@@ -182,7 +181,7 @@ class SqlStore:
     def records(self, where: UsageFilter, limit: int | None = None) -> list[UsageRecord]:
         statement = self._where(select(UsageRecord), where).order_by(
             UsageRecord.ended_at,
-            UsageRecord.id,  # type: ignore[arg-type]
+            UsageRecord.id,
         )
         if limit is not None:
             statement = statement.limit(limit)
@@ -192,7 +191,7 @@ class SqlStore:
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
         statement = self._where(select(UsageRecord), where).order_by(
             UsageRecord.ended_at,
-            UsageRecord.id,  # type: ignore[arg-type]
+            UsageRecord.id,
         )
         with Session(self.engine) as session:
             result = session.exec(statement.execution_options(yield_per=chunk_size))
@@ -222,7 +221,8 @@ class SqlStore:
                 return sa.func.date(columns.ended_at).label("group_key")
             return sa.cast(sa.cast(columns.ended_at, sa.Date), sa.String).label("group_key")
         name = {"user": "user_id", "session": "session_id"}.get(group_by, group_by)
-        return columns[name].label("group_key")
+        column: sa.ColumnElement[Any] = columns[name]
+        return column.label("group_key")
 
     def summary(self, where: UsageFilter, group_by: GroupBy | None) -> UsageSummary:
         """Totals and token percentiles computed in SQL (window functions), one pass each."""
@@ -292,8 +292,11 @@ class SqlStore:
 
     @staticmethod
     def _group_summary(row: Any) -> GroupSummary:
+        values: dict[str, Any] = {
+            name: int(row[name]) for name in _SUMMED if name != "cost_estimate_usd"
+        }
         usage = TokenUsage.model_construct(
-            **{name: int(row[name]) for name in _SUMMED if name != "cost_estimate_usd"},
+            **values,
             cost_estimate_usd=pico_to_usd(row["cost_estimate_usd"]),
             estimated=bool(row["any_estimated"]),
         )
@@ -344,7 +347,7 @@ def _add_missing_columns(connection: sa.Connection) -> list[str]:
             if column.name in present:
                 continue
             ddl_type = column.type.compile(dialect=connection.dialect)
-            default = column.default.arg if column.default is not None else None
+            default = getattr(column.default, "arg", None)
             clause = ""
             if default is not None and not callable(default):
                 literal = sa.literal(default, column.type).compile(
@@ -363,6 +366,6 @@ def _aware(value: Any) -> datetime | None:
     """min()/max() over a subquery lose the column type on SQLite; restore UTC datetimes."""
     if value is None:
         return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(moment, datetime)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
