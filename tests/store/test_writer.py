@@ -73,12 +73,17 @@ def test_failed_batches_are_retried_in_order_and_nothing_is_lost() -> None:
     writer.close()
 
 
-def test_flush_reports_a_timeout_while_the_store_is_down() -> None:
+def test_flush_times_out_while_the_store_is_down_and_close_spills(tmp_path: Path) -> None:
     store = _RecordingStore(failures=10**6)
-    writer = BatchWriter(store, batch_size=5, max_delay=0.01)
-    writer.submit(UsageRecord())
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    writer = BatchWriter(store, batch_size=5, max_delay=0.01, spill=spill)
+    record = UsageRecord()
+    writer.submit(record)
     assert writer.flush(timeout=0.2) is False
     assert writer.pending == 1
+    writer.close(timeout=0.2)
+    assert [r.id for r in read_records(spill.path)] == [record.id]
+    assert writer.pending == 0
 
 
 def test_concurrent_submitters_lose_nothing() -> None:

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
+import sqlalchemy.orm
 from sqlmodel import Field, SQLModel
 
 from usage_callbacks.usage import TokenUsage
@@ -145,6 +146,8 @@ class UsageRecord(SQLModel, table=True):
         missing = _COLUMN_SET.difference(values)
         if missing:
             raise ValueError(f"from_values needs every column; missing {sorted(missing)}")
+        if not _MAPPER.configured:  # normal construction configures it; this path must too
+            sa.orm.configure_mappers()
         record: UsageRecord = cls._sa_class_manager.new_instance()  # type: ignore[attr-defined]
         record.__dict__.update(values)
         object.__setattr__(record, "__pydantic_fields_set__", set(values))
@@ -164,6 +167,7 @@ USAGE_COLUMNS = (
 )
 RECORD_COLUMNS = tuple(UsageRecord.model_fields)
 _COLUMN_SET = frozenset(RECORD_COLUMNS)
+_MAPPER = sa.inspect(UsageRecord)
 
 
 class SchemaInfo(SQLModel, table=True):

@@ -112,6 +112,7 @@ class BatchWriter:
         return True
 
     def close(self, timeout: float | None = 30.0) -> None:
+        """Drain to the store; what it cannot take within ``timeout`` is spilled to disk."""
         self.flush(timeout)
         with self._condition:
             self._closed = True
@@ -171,7 +172,12 @@ class BatchWriter:
                 with self._condition:
                     self._pending.extendleft(reversed(self._inflight))
                     self._inflight = []
-                time.sleep(delay)
+                    if self._closed:  # closing while the store is down: keep it on disk
+                        while self._pending:
+                            self._spill_oldest()
+                        self._condition.notify_all()
+                        return
+                    self._condition.wait_for(lambda: self._closed, timeout=delay)
                 continue
             if self._failures and self._spill.exists():
                 self._reingest_spill()
