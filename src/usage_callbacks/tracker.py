@@ -66,7 +66,7 @@ class UsageTracker:
     Records are written in batches from a background thread
     (at most ``batch_size`` records or ``flush_interval`` seconds old); ``durable=True``
     writes each record before ``record()`` returns. While the database is away records
-    wait in memory (at most ``max_buffer``), then spill to ``spill_path`` (JSONL), and
+    wait in memory (at most ``max_buffer``, ~3 KB each), then spill to ``spill_path`` (JSONL), and
     are re-ingested when it returns.
     """
 
@@ -84,7 +84,7 @@ class UsageTracker:
         exporters: Iterable[UsageExporter] = (),
         log_usage: bool = False,
         budget_failure_mode: Literal["closed", "open"] = "closed",
-        max_buffer: int = 100_000,
+        max_buffer: int = 10_000,
         spill_path: str | Path | None = None,
     ) -> None:
         self.store = open_store(url)
@@ -110,7 +110,7 @@ class UsageTracker:
             self.store,
             batch_size=batch_size,
             max_delay=flush_interval,
-            max_buffer=max_buffer,
+            max_buffer=max(max_buffer, batch_size),
             spill=SpillFile(Path(spill_path)) if spill_path else None,
         )
         self._closed = False

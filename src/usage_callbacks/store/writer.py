@@ -1,9 +1,10 @@
 """Batched, off-thread writes so the callback hot path does no disk or network I/O.
 
 A record waits at most ``max_delay`` seconds or until ``batch_size`` records are queued.
-Failed batches stay queued and are retried with backoff; the queue is bounded by
-``max_buffer``, and when it overflows the oldest batch is spilled to a local JSONL file,
-which is re-ingested as soon as the store accepts writes again.
+Failed batches stay queued and are retried with backoff. The queue is bounded by
+``max_buffer``: when it is full, a healthy store makes the producer wait (backpressure);
+a failing one gets the oldest batch spilled to a local JSONL file, re-ingested as soon
+as the store accepts writes again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.store.spill import SpillFile, default_spill_path
 
 logger = logging.getLogger("usage_callbacks")
+
+#: How long record() may wait for a slow but healthy store before spilling instead.
+_BACKPRESSURE_LIMIT_S = 2.0
 
 
 class _Writable(Protocol):
@@ -67,7 +71,16 @@ class BatchWriter:
             self._pending.append(record)
             self._enqueued += 1
             if len(self._pending) > self._max_buffer:
-                self._spill_oldest()
+                # A healthy but slower store pushes back on the producer; only a failing
+                # one (or a stall past the limit) sends records to the spill file.
+                if not self._failures:
+                    self._condition.notify_all()
+                    self._condition.wait_for(
+                        lambda: len(self._pending) <= self._max_buffer or self._failures > 0,
+                        timeout=_BACKPRESSURE_LIMIT_S,
+                    )
+                if len(self._pending) > self._max_buffer:
+                    self._spill_oldest()
             if len(self._pending) >= self._batch_size:
                 self._condition.notify_all()
 
@@ -172,6 +185,7 @@ class BatchWriter:
                 with self._condition:
                     self._pending.extendleft(reversed(self._inflight))
                     self._inflight = []
+                    self._condition.notify_all()  # producers waiting on a full queue spill
                     if self._closed:  # closing while the store is down: keep it on disk
                         while self._pending:
                             self._spill_oldest()
