@@ -168,7 +168,9 @@ class SqlStore:
             rows = [
                 tuple(
                     value if process is None else process(value)
-                    for value, process in zip(map(record.__dict__.get, names), processors)
+                    for value, process in zip(
+                        map(record.__dict__.get, names), processors, strict=True
+                    )
                 )
                 for record in records
             ]
