@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
@@ -260,94 +261,92 @@ class SqlStore:
         return column.label("group_key")
 
     def summary(self, where: UsageFilter, group_by: GroupBy | None) -> UsageSummary:
-        """Totals and token percentiles computed in SQL (window functions), one pass each."""
-        overall = self._grouped(where, None)
-        result = UsageSummary(group_by=group_by)
-        if not overall:
-            return result
-        total = overall[0]
-        result = UsageSummary(
-            group_by=group_by,
-            usage=total.usage,
-            calls=total.calls,
-            errors=total.errors,
-            stats=total.stats,
-            period_start=total.first_call,
-            period_end=total.last_call,
-            groups=self._grouped(where, group_by) if group_by else [],
-        )
-        return result
+        """Totals, groups and token percentiles from two aggregate queries.
 
-    def _grouped(self, where: UsageFilter, group_by: GroupBy | None) -> list[GroupSummary]:
+        The overall line is merged from the groups' sums and histograms, so grouping
+        costs no extra pass over the table.
+        """
+        groups, histograms = self._grouped(where, group_by)
+        if not groups:
+            return UsageSummary(group_by=group_by)
+        merged: Counter[int] = Counter()
+        for histogram in histograms:
+            for value, count in histogram:
+                merged[value] += count
+        usage = sum((group.usage for group in groups), TokenUsage())
+        calls = sum(group.calls for group in groups)
+        return UsageSummary(
+            group_by=group_by,
+            usage=usage,
+            calls=calls,
+            errors=sum(group.errors for group in groups),
+            stats=_token_stats(list(merged.items()), calls, usage.total),
+            period_start=min(g.first_call for g in groups if g.first_call),
+            period_end=max(g.last_call for g in groups if g.last_call),
+            groups=groups if group_by else [],
+        )
+
+    def _grouped(
+        self, where: UsageFilter, group_by: GroupBy | None
+    ) -> tuple[list[GroupSummary], list[list[tuple[int, int]]]]:
+        """Two aggregate queries: sums per group, and a histogram of per-call totals.
+
+        Percentiles come from the histogram (one row per distinct total per group), which
+        is several times faster than ranking every row with window functions.
+        """
         c = UsageRecord.__table__.c  # type: ignore[attr-defined]
         group = self._group_column(group_by)
-        ranked = self._where(
+        sums = self._where(
             sa.select(
                 group,
-                *(c[name] for name in _SUMMED if name != "cost_estimate_usd"),
+                sa.func.count().label("calls"),
+                *(sa.func.sum(c[name]).label(name) for name in _SUMMED[:-1]),
                 # sum exact integer pico-USD, not the Decimal the column type returns
-                sa.type_coerce(c.cost_estimate_usd, sa.BigInteger).label("cost_estimate_usd"),
-                c.estimated,
-                c.status,
-                c.ended_at,
-                sa.func.row_number()
-                .over(partition_by=group, order_by=(c.total_tokens, c.id))
-                .label("rank"),
-                sa.func.count().over(partition_by=group).label("n"),
+                sa.func.sum(sa.type_coerce(c.cost_estimate_usd, sa.BigInteger)).label(
+                    "cost_estimate_usd"
+                ),
+                sa.func.max(sa.case((c.estimated, 1), else_=0)).label("any_estimated"),
+                sa.func.sum(sa.case((c.status != "ok", 1), else_=0)).label("errors"),
+                sa.func.min(c.ended_at).label("first_call"),
+                sa.func.max(c.ended_at).label("last_call"),
             ),
             where,
-        ).subquery()
-        r = ranked.c
-
-        def percentile(p: int) -> sa.ColumnElement[Any]:
-            # nearest rank: the ceil(p% * n)-th value, in integer arithmetic for SQLite
-            hit = r.rank == (r.n * p + 99) // 100
-            return sa.func.max(sa.case((hit, r.total_tokens))).label(f"p{p}")
-
-        query = (
-            sa.select(
-                r.group_key,
-                sa.func.count().label("calls"),
-                *(sa.func.coalesce(sa.func.sum(r[name]), 0).label(name) for name in _SUMMED),
-                sa.func.max(sa.case((r.estimated, 1), else_=0)).label("any_estimated"),
-                sa.func.sum(sa.case((r.status != "ok", 1), else_=0)).label("errors"),
-                sa.func.min(r.total_tokens).label("min"),
-                sa.func.max(r.total_tokens).label("max"),
-                sa.func.avg(r.total_tokens).label("avg"),
-                sa.func.min(r.ended_at).label("first_call"),
-                sa.func.max(r.ended_at).label("last_call"),
-                *(percentile(p) for p in _PERCENTILES),
-            )
-            .group_by(r.group_key)
-            .order_by(sa.desc("cost_estimate_usd"), r.group_key)
-        )
+        ).group_by(group)
+        histogram = self._where(
+            sa.select(group, c.total_tokens, sa.func.count().label("n")), where
+        ).group_by(group, c.total_tokens)
         with self.engine.connect() as connection:
-            rows = connection.execute(query).mappings().all()
-        return [self._group_summary(row) for row in rows]
+            rows = connection.execute(sums).mappings().all()
+            counts: dict[Any, list[tuple[int, int]]] = {}
+            for key, tokens, n in connection.execute(histogram):
+                counts.setdefault(key, []).append((int(tokens), int(n)))
+        histograms = [counts.get(row["group_key"], []) for row in rows]
+        summaries = [
+            self._group_summary(row, histogram)
+            for row, histogram in zip(rows, histograms, strict=True)
+        ]
+        order = sorted(
+            range(len(summaries)),
+            key=lambda i: (-summaries[i].usage.cost_estimate_usd, summaries[i].key or ""),
+        )
+        return [summaries[i] for i in order], [histograms[i] for i in order]
 
     @staticmethod
-    def _group_summary(row: Any) -> GroupSummary:
-        values: dict[str, Any] = {
-            name: int(row[name]) for name in _SUMMED if name != "cost_estimate_usd"
-        }
+    def _group_summary(row: Any, histogram: list[tuple[int, int]]) -> GroupSummary:
+        values: dict[str, Any] = {name: int(row[name] or 0) for name in _SUMMED[:-1]}
         usage = TokenUsage.model_construct(
             **values,
             cost_estimate_usd=pico_to_usd(row["cost_estimate_usd"]),
             estimated=bool(row["any_estimated"]),
         )
         key = row["group_key"]
+        calls = int(row["calls"])
         return GroupSummary(
             key=None if key is None else str(key),
             usage=usage,
-            calls=int(row["calls"]),
+            calls=calls,
             errors=int(row["errors"] or 0),
-            stats=TokenStats(
-                count=int(row["calls"]),
-                avg=float(row["avg"] or 0),
-                min=int(row["min"] or 0),
-                max=int(row["max"] or 0),
-                **{f"p{p}": int(row[f"p{p}"] or 0) for p in _PERCENTILES},
-            ),
+            stats=_token_stats(histogram, calls, values["total_tokens"]),
             first_call=_aware(row["first_call"]),
             last_call=_aware(row["last_call"]),
         )
@@ -356,6 +355,7 @@ class SqlStore:
         self.engine.dispose()
 
 
+#: Summed per group; cost last (it is summed as integer pico-USD).
 _SUMMED = (
     "prompt_tokens",
     "completion_tokens",
@@ -366,6 +366,30 @@ _SUMMED = (
     "reasoning_tokens",
     "cost_estimate_usd",
 )
+
+
+def _token_stats(histogram: list[tuple[int, int]], calls: int, total: int) -> TokenStats:
+    """Nearest-rank percentiles (the ceil(p% * n)-th smallest) from (value, count) pairs."""
+    if not histogram or calls == 0:
+        return TokenStats()
+    histogram.sort()
+    ranks = {p: -(-calls * p // 100) for p in _PERCENTILES}
+    found: dict[int, int] = {}
+    seen = 0
+    for value, count in histogram:
+        seen += count
+        for p, rank in ranks.items():
+            if p not in found and seen >= rank:
+                found[p] = value
+    return TokenStats(
+        count=calls,
+        avg=total / calls,
+        min=histogram[0][0],
+        max=histogram[-1][0],
+        p50=found[50],
+        p95=found[95],
+        p99=found[99],
+    )
 
 
 def _add_missing_columns(connection: sa.Connection) -> list[str]:
