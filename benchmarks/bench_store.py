@@ -1,0 +1,173 @@
+"""Store benchmarks: ingest against raw sqlite3, summary latency, reservations, memory.
+
+Each function returns rows for the results table: (benchmark, measurement, value, note).
+Sizes scale with ``BENCH_RECORDS`` (default 1,000,000) so a quick run can use less.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+from usage_callbacks import Budget, BudgetExceededError, ModelPrice, TokenUsage, UsageTracker
+from usage_callbacks.store.models import UsageRecord
+
+Row = tuple[str, str, str, str]
+RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
+MODELS = ("gpt-4o-mini", "gpt-4o", "claude-sonnet-4-5", "text-embedding-3-small")
+
+
+def _usage(index: int) -> TokenUsage:
+    return TokenUsage(prompt_tokens=100 + index % 900, completion_tokens=index % 300)
+
+
+def _raw_rows(records: list[UsageRecord]) -> list[tuple[object, ...]]:
+    """The same rows as plain tuples, converted once, for the raw baseline."""
+    return [
+        tuple(
+            value.isoformat()
+            if hasattr(value, "isoformat")
+            else str(value)
+            if isinstance(value, (Decimal, list))
+            else value
+            for value in record.row().values()
+        )
+        for record in records
+    ]
+
+
+def bench_ingest(workdir: Path) -> list[Row]:
+    """N records through tracker.record() into SQLite vs raw executemany of the same rows."""
+    url = f"sqlite:///{workdir / 'ingest.db'}"
+    tracker = UsageTracker(url, batch_size=5000)
+    started = time.perf_counter()
+    sample: list[UsageRecord] = []
+    for index in range(RECORDS):
+        record = tracker.record(
+            _usage(index), model=MODELS[index % 4], provider="openai", user_id=f"u{index % 97}"
+        )
+        if index < 200_000:
+            sample.append(record)
+    tracker.flush(timeout=None)
+    ours = RECORDS / (time.perf_counter() - started)
+    tracker.close()
+
+    rows = _raw_rows(sample)
+    columns = len(rows[0])
+    connection = sqlite3.connect(workdir / "raw.db", isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute(f"CREATE TABLE t ({', '.join(f'c{i}' for i in range(columns))})")
+    started = time.perf_counter()
+    connection.execute("BEGIN")
+    connection.executemany(f"INSERT INTO t VALUES ({', '.join('?' * columns)})", rows)
+    connection.execute("COMMIT")
+    raw = len(rows) / (time.perf_counter() - started)
+    connection.close()
+    return [
+        ("ingest", "tracker.record -> SQLite, records/s", f"{ours:,.0f}", f"{RECORDS:,} records"),
+        ("ingest", "raw sqlite3 executemany, rows/s", f"{raw:,.0f}", "same rows, one transaction"),
+        ("ingest", "ratio ours/raw", f"{ours / raw:.2f}", "target >= 0.50"),
+    ]
+
+
+def bench_summary(workdir: Path) -> list[Row]:
+    """summary(group_by='model') with p50/p95/p99 over the ingested ledger."""
+    with UsageTracker(f"sqlite:///{workdir / 'ingest.db'}") as tracker:
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            summary = tracker.summary(group_by="model")
+            timings.append(time.perf_counter() - started)
+    return [
+        (
+            "summary",
+            f"group by model + percentiles over {summary.calls:,} records, s",
+            f"{statistics.median(timings):.2f}",
+            "median of 3; target < 1 s",
+        )
+    ]
+
+
+def _reservations_per_second(url: str, threads: int = 8, seconds: float = 3.0) -> float:
+    prices = {"m": ModelPrice(input_per_mtok=Decimal(1), output_per_mtok=Decimal(1))}
+    budget = Budget(limit_usd=Decimal(10**6), per="user", period="day")
+    tracker = UsageTracker(url, budgets=[budget], prices=prices)
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def work(index: int) -> None:
+        while time.perf_counter() < stop:
+            try:
+                reservation = tracker.reserve(
+                    model="m", prompt_tokens=50, max_output_tokens=50, user_id=f"u{index % 4}"
+                )
+            except BudgetExceededError:
+                continue
+            tracker.release(reservation)
+            done[index] += 1
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    tracker.close()
+    return sum(done) / seconds
+
+
+def bench_reservations(workdir: Path, pg_url: str | None) -> list[Row]:
+    rows: list[Row] = []
+    rate = _reservations_per_second(f"sqlite:///{workdir / 'budget.db'}")
+    rows.append(("budgets", "reserve+release/s, 8 threads, SQLite", f"{rate:,.0f}", ""))
+    if pg_url:
+        rate = _reservations_per_second(pg_url)
+        rows.append(("budgets", "reserve+release/s, 8 threads, PostgreSQL", f"{rate:,.0f}", ""))
+    return rows
+
+
+PEAK_RSS = """
+import resource, sys
+from usage_callbacks import TokenUsage, UsageTracker
+tracker = UsageTracker(sys.argv[1], batch_size=5000)
+usage = TokenUsage(prompt_tokens=120, completion_tokens=40)
+marks = []
+for index in range(int(sys.argv[2])):
+    tracker.record(usage, model="gpt-4o-mini", user_id=f"u{index % 97}")
+    if index % 100_000 == 0:
+        marks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+tracker.close()
+print(marks[1] if len(marks) > 1 else marks[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(workdir: Path) -> list[Row]:
+    """Peak RSS of a process recording N calls into SQLite: constant, not growing with N."""
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, f"sqlite:///{workdir / 'rss.db'}", str(RECORDS)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    early, peak = (int(value) // 1024 for value in out.split())
+    return [
+        ("memory", f"peak RSS after {RECORDS:,} recorded calls, MB", str(peak), ""),
+        ("memory", "peak RSS after the first 100k calls, MB", str(early), "flat = constant memory"),
+    ]
+
+
+def run(pg_url: str | None) -> list[Row]:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        rows = bench_ingest(workdir)
+        rows += bench_summary(workdir)
+        rows += bench_reservations(workdir, pg_url)
+        rows += bench_memory(workdir)
+    return rows
