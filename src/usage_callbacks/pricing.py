@@ -97,17 +97,35 @@ class _CatalogPrice:
     model_price: Any
 
 
-def _catalog_price(model: str, provider: str | None, day: date) -> _CatalogPrice | None:
+#: When a model is sold by several providers and none was named, price it at its maker's.
+_MAKERS = ("openai", "anthropic", "google", "mistral", "cohere", "deepseek", "x-ai", "groq")
+
+
+def _find_model(model: str, provider: str | None) -> Any | None:
+    """genai-prices' model info: by provider, else by model alone, else by any provider
+    listing it (embedding models have no provider-wide match rule)."""
     snapshot = data_snapshot.get_snapshot()
-    try:
-        _, info = snapshot.find_provider_model(model, None, provider, None)
-    except LookupError:
-        if provider is None:
-            return None
-        try:  # the provider name a framework reports may not be genai-prices' id
-            _, info = snapshot.find_provider_model(model, None, None, None)
+    for provider_id in dict.fromkeys((provider, None)):
+        try:
+            return snapshot.find_provider_model(model, None, provider_id, None)[1]
         except LookupError:
-            return None
+            continue
+    sellers = {
+        seller.id: info
+        for seller in snapshot.providers
+        for info in seller.models
+        if info.is_match(model)
+    }
+    for maker in (*_MAKERS, *sellers):
+        if maker in sellers:
+            return sellers[maker]
+    return None
+
+
+def _catalog_price(model: str, provider: str | None, day: date) -> _CatalogPrice | None:
+    info = _find_model(model, provider)
+    if info is None:
+        return None
     when = datetime(day.year, day.month, day.day, 12, tzinfo=timezone.utc)
     model_price = info.get_prices(when)
     if any(isinstance(value, TieredPrices) for value in vars(model_price).values()):

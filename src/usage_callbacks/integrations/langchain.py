@@ -1,0 +1,558 @@
+"""LangChain adapter: a callback handler, an embeddings wrapper and the session hook.
+
+Pass ``UsageCallbackHandler(tracker)`` as ``callbacks=[handler]`` at model construction
+or in ``config={"callbacks": [...]}``. It runs inline (``run_inline``), also for async
+runs, so events keep their order and context; ``raise_error`` is set so that a
+``BudgetExceededError`` raised in a start hook stops the call before the provider is
+reached. Every other failure inside the handler is logged and swallowed.
+
+Notes for users:
+- ``ChatOpenAI`` with a custom ``base_url`` sends no usage in streams unless
+  ``stream_usage=True``; without it streamed calls are estimated (``estimated=True``).
+- LangChain's ``Embeddings`` fire no callbacks: wrap them in ``TrackedEmbeddings``.
+- Calls inside ``with tracker.session(...)`` are tracked with no handler passed, through
+  a configure hook registered once per process. A plain ``ThreadPoolExecutor`` does not
+  carry the session into its workers: submit ``session.bind(fn)`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.embeddings import Embeddings
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.tracers.context import register_configure_hook
+
+from usage_callbacks.budgets import BudgetExceededError
+from usage_callbacks.runs import RunState
+from usage_callbacks.sessions import active_sessions, register_session_hook
+from usage_callbacks.store.models import utcnow
+from usage_callbacks.tokens import (
+    count_message_tokens,
+    count_text_tokens,
+    count_texts_tokens,
+    message_text,
+)
+from usage_callbacks.tracker import UsageTracker
+from usage_callbacks.usage import (
+    CallType,
+    TokenUsage,
+    build_usage,
+    normalize_usage,
+    usage_from_langchain,
+)
+
+logger = logging.getLogger("usage_callbacks")
+
+UNKNOWN_MODEL = "unknown"
+_MAX_TOKEN_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict")
+_MODEL_PARAMS = ("model", "model_name", "model_id", "deployment_name")
+
+
+class UsageCallbackHandler(BaseCallbackHandler):
+    """Records every LLM and chat-model run it sees into ``tracker``."""
+
+    raise_error = True  # BudgetExceededError from a start hook must stop the call
+    run_inline = True  # async runs call us inline: ordering and context preserved
+
+    def __init__(
+        self,
+        tracker: UsageTracker,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(tracker, UsageTracker):
+            raise TypeError(f"UsageCallbackHandler needs a UsageTracker, not {tracker!r}")
+        self.tracker = tracker
+        self.user_id = user_id
+        self.session_id = session_id
+        self.tags = list(tags or [])
+
+    # ---------------------------------------------------------------- routing
+
+    def _start_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
+        return (self.tracker,)
+
+    def _end_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
+        return (self.tracker,)
+
+    # ---------------------------------------------------------------- start
+
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        flat = [message for batch in messages for message in batch]
+        self._start("chat", flat, serialized, run_id, parent_run_id, tags, metadata, kwargs)
+
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any] | None,
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._start(
+            "completion", prompts, serialized, run_id, parent_run_id, tags, metadata, kwargs
+        )
+
+    def _start(
+        self,
+        call_type: CallType,
+        inputs: list[Any],
+        serialized: dict[str, Any] | None,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        key = str(run_id)
+        for tracker in self._start_trackers(key):
+            try:
+                self._start_one(
+                    tracker, call_type, inputs, serialized, key, parent_run_id, metadata, kwargs
+                )
+            except BudgetExceededError:
+                tracker.runs.finish(key)
+                raise
+            except Exception:
+                logger.warning("usage tracking failed at the start of run %s", key, exc_info=True)
+
+    def _start_one(
+        self,
+        tracker: UsageTracker,
+        call_type: CallType,
+        inputs: list[Any],
+        serialized: dict[str, Any] | None,
+        run_id: str,
+        parent_run_id: UUID | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        params = kwargs.get("invocation_params") or {}
+        meta = metadata or {}
+        state = RunState(
+            run_id=run_id,
+            started_at=utcnow(),
+            framework="langchain",
+            call_type=call_type,
+            model=_model_name(params, meta, serialized),
+            provider=_provider(params, meta),
+            parent_run_id=None if parent_run_id is None else str(parent_run_id),
+            user_id=self.user_id,
+            session_id=self.session_id,
+            tags=list(self.tags),
+            sessions=tuple(s for s in active_sessions() if s.tracker is tracker),
+            inputs=inputs,
+            extra={"max_tokens": _max_tokens(params)},
+        )
+        state, is_new = tracker.runs.start(state)
+        if not is_new:  # a session's handler got here first: explicit settings win
+            state.user_id = self.user_id or state.user_id
+            state.session_id = self.session_id or state.session_id
+            state.tags = list(dict.fromkeys([*state.tags, *self.tags]))
+            return
+        if tracker.has_budgets:
+            state.prompt_estimate = _estimate_prompt(state)
+            state.reservation = tracker.reserve(
+                model=state.model,
+                provider=state.provider,
+                prompt_tokens=state.prompt_estimate.prompt_tokens,
+                max_output_tokens=state.extra["max_tokens"],
+                user_id=state.user_id,
+                session_id=state.session_id,
+                sessions=state.sessions,
+            )
+
+    # ---------------------------------------------------------------- stream
+
+    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            for tracker in self._end_trackers(str(run_id)):
+                state = tracker.runs.get(str(run_id))
+                if state is not None and isinstance(token, str):
+                    state.streamed.append(token)
+        except Exception:
+            logger.warning("usage tracking failed on a streamed token", exc_info=True)
+
+    # ---------------------------------------------------------------- end
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(str(run_id), response, None)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(str(run_id), kwargs.get("response"), error)
+
+    def _end(self, run_id: str, response: LLMResult | None, error: BaseException | None) -> None:
+        for tracker in self._end_trackers(run_id):
+            try:
+                state = tracker.runs.finish(run_id)
+                if state is not None:
+                    _record(tracker, state, response, error)
+            except Exception:  # end hooks never raise: later handlers must see the event
+                logger.warning("usage tracking failed at the end of run %s", run_id, exc_info=True)
+
+
+class _SessionHandler(UsageCallbackHandler):
+    """Injected by the configure hook while sessions are open; serves their trackers."""
+
+    def __init__(self) -> None:
+        BaseCallbackHandler.__init__(self)
+        self.user_id = None
+        self.session_id = None
+        self.tags = []
+        self._runs: dict[str, tuple[UsageTracker, ...]] = {}
+        self._lock = threading.Lock()
+
+    def _start_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
+        trackers = tuple(dict.fromkeys(session.tracker for session in active_sessions()))
+        with self._lock:
+            self._runs[run_id] = trackers
+        return trackers
+
+    def _end_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
+        with self._lock:
+            return self._runs.get(run_id, ())
+
+    def _end(self, run_id: str, response: LLMResult | None, error: BaseException | None) -> None:
+        super()._end(run_id, response, error)
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+
+_session_handler = _SessionHandler()
+_session_var: ContextVar[UsageCallbackHandler | None] = ContextVar(
+    "usage_callbacks_langchain_session", default=None
+)
+# One hook per process, whatever the number of sessions (langchain #32300 leaks one per use).
+register_configure_hook(_session_var, inheritable=True)
+
+
+@contextmanager
+def _capture_in_session() -> Iterator[None]:
+    token = _session_var.set(_session_handler)
+    try:
+        yield
+    finally:
+        _session_var.reset(token)
+
+
+register_session_hook(_capture_in_session)
+
+
+# -------------------------------------------------------------------- extraction
+
+
+def _model_name(
+    params: dict[str, Any], metadata: dict[str, Any], serialized: dict[str, Any] | None
+) -> str | None:
+    for source in (params, {"model": metadata.get("ls_model_name")}):
+        for key in _MODEL_PARAMS:
+            value = source.get(key)
+            if isinstance(value, str) and value:
+                return value
+    serialized_kwargs = (serialized or {}).get("kwargs") or {}
+    for key in _MODEL_PARAMS:
+        value = serialized_kwargs.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _provider(params: dict[str, Any], metadata: dict[str, Any]) -> str | None:
+    provider = metadata.get("ls_provider")
+    if isinstance(provider, str) and provider:
+        return provider
+    kind = params.get("_type")
+    if isinstance(kind, str) and kind:
+        return kind.split("-")[0]
+    return None
+
+
+def _max_tokens(params: dict[str, Any]) -> int | None:
+    for key in _MAX_TOKEN_PARAMS:
+        value = params.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _estimate_prompt(state: RunState) -> TokenUsage:
+    inputs = state.inputs or []
+    if state.call_type == "chat":
+        tokens = count_message_tokens(inputs, state.model)
+    else:
+        tokens = count_texts_tokens([str(prompt) for prompt in inputs], state.model)
+    return build_usage(prompt=tokens, estimated=True)
+
+
+def _generations(response: LLMResult | None) -> list[Any]:
+    if response is None:
+        return []
+    return [generation for batch in response.generations for generation in batch]
+
+
+def _response_model(response: LLMResult | None) -> str | None:
+    for generation in _generations(response):
+        message = getattr(generation, "message", None)
+        metadata = getattr(message, "response_metadata", None) or {}
+        for key in ("model_name", "model", "model_id"):
+            if isinstance(metadata.get(key), str) and metadata[key]:
+                return str(metadata[key])
+    llm_output = (response.llm_output if response else None) or {}
+    value = llm_output.get("model_name") or llm_output.get("model")
+    return value if isinstance(value, str) and value else None
+
+
+def _is_cache_hit(response: LLMResult | None) -> bool:
+    """langchain-core marks replayed cached generations with ``total_cost: 0``."""
+    for generation in _generations(response):
+        message = getattr(generation, "message", None)
+        usage = getattr(message, "usage_metadata", None)
+        if isinstance(usage, dict) and usage.get("total_cost") == 0:
+            return True
+    return False
+
+
+def _reported_usage(response: LLMResult | None) -> TokenUsage | None:
+    """Provider numbers, from the most specific place LangChain put them."""
+    generations = _generations(response)
+    # n > 1: every generation carries the same whole-request usage; count it once.
+    distinct: list[dict[str, Any]] = []
+    for generation in generations:
+        message = getattr(generation, "message", None)
+        usage = getattr(message, "usage_metadata", None) if isinstance(message, AIMessage) else None
+        if usage and usage not in distinct:
+            distinct.append(dict(usage))
+    if distinct:
+        return sum((usage_from_langchain(usage) for usage in distinct), TokenUsage())
+    llm_output = (response.llm_output if response else None) or {}
+    for key in ("token_usage", "usage"):
+        found = normalize_usage(llm_output.get(key))
+        if found is not None:
+            return found
+    for generation in generations:
+        for place in (
+            getattr(generation, "generation_info", None),
+            getattr(getattr(generation, "message", None), "response_metadata", None),
+        ):
+            found = normalize_usage(place) if place else None
+            if found is not None:
+                return found
+    return None
+
+
+def _estimate(state: RunState, response: LLMResult | None) -> TokenUsage:
+    """tiktoken over the prompt and whatever text came back or was streamed."""
+    prompt = state.prompt_estimate or _estimate_prompt(state)
+    texts = [
+        message_text(getattr(getattr(g, "message", None), "content", None)) or g.text
+        for g in _generations(response)
+    ]
+    if not any(texts):
+        texts = ["".join(state.streamed)]
+    completion = count_texts_tokens(texts, state.model)
+    return build_usage(prompt=prompt.prompt_tokens, completion=completion, estimated=True)
+
+
+def _record(
+    tracker: UsageTracker,
+    state: RunState,
+    response: LLMResult | None,
+    error: BaseException | None,
+) -> None:
+    cache_hit = error is None and _is_cache_hit(response)
+    usage = _reported_usage(response)
+    if (
+        usage is None
+        and not cache_hit
+        and (error is None or state.streamed or _generations(response))
+    ):
+        usage = _estimate(state, response)
+    model = _response_model(response) or state.model or UNKNOWN_MODEL
+    tracker.record(
+        usage or TokenUsage(),
+        model=model,
+        provider=state.provider,
+        call_type=state.call_type,
+        framework="langchain",
+        user_id=state.user_id,
+        session_id=state.session_id,
+        run_id=state.run_id,
+        parent_run_id=state.parent_run_id,
+        tags=state.tags,
+        status="ok" if error is None else "error",
+        error_type=None if error is None else type(error).__name__,
+        started_at=state.started_at,
+        latency_ms=state.latency_ms(),
+        cache_hit=cache_hit,
+        sessions=state.sessions,
+        reservation=state.reservation,
+    )
+
+
+# -------------------------------------------------------------------- embeddings
+
+
+class TrackedEmbeddings(Embeddings):
+    """Wraps any LangChain ``Embeddings``: records embedding tokens and honours budgets.
+
+    Token counts come from tiktoken with the embedding model's encoding (what OpenAI's
+    client itself sends as token ids), flagged ``estimated`` since the provider's own
+    count is not exposed through the ``Embeddings`` interface.
+    """
+
+    def __init__(
+        self,
+        embeddings: Embeddings,
+        tracker: UsageTracker,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> None:
+        self.embeddings = embeddings
+        self.tracker = tracker
+        self.model = model or _embedding_model(embeddings)
+        self.provider = provider or _embedding_provider(embeddings)
+        self.user_id = user_id
+        self.session_id = session_id
+        self.tags = list(tags or [])
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        state = self._begin(texts)
+        try:
+            vectors = self.embeddings.embed_documents(texts)
+        except BaseException as error:
+            self._finish(state, error)
+            raise
+        self._finish(state, None)
+        return vectors
+
+    def embed_query(self, text: str) -> list[float]:
+        state = self._begin([text])
+        try:
+            vector = self.embeddings.embed_query(text)
+        except BaseException as error:
+            self._finish(state, error)
+            raise
+        self._finish(state, None)
+        return vector
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        state = self._begin(texts)
+        try:
+            vectors = await self.embeddings.aembed_documents(texts)
+        except BaseException as error:
+            self._finish(state, error)
+            raise
+        self._finish(state, None)
+        return vectors
+
+    async def aembed_query(self, text: str) -> list[float]:
+        state = self._begin([text])
+        try:
+            vector = await self.embeddings.aembed_query(text)
+        except BaseException as error:
+            self._finish(state, error)
+            raise
+        self._finish(state, None)
+        return vector
+
+    def _begin(self, texts: list[str]) -> RunState | None:
+        """Count and reserve before the provider is called; None if tracking failed."""
+        try:
+            tokens = count_texts_tokens(texts, self.model)
+            sessions = tuple(s for s in active_sessions() if s.tracker is self.tracker)
+            state = RunState(
+                run_id="",
+                started_at=utcnow(),
+                framework="langchain",
+                call_type="embedding",
+                model=self.model,
+                provider=self.provider,
+                user_id=self.user_id,
+                session_id=self.session_id,
+                tags=self.tags,
+                sessions=sessions,
+                prompt_estimate=build_usage(embedding=tokens, estimated=True),
+            )
+            state.reservation = self.tracker.reserve(
+                model=self.model,
+                provider=self.provider,
+                embedding_tokens=tokens,
+                user_id=self.user_id,
+                session_id=self.session_id,
+                sessions=sessions,
+            )
+            return state
+        except BudgetExceededError:
+            raise
+        except Exception:
+            logger.warning("usage tracking failed before an embedding call", exc_info=True)
+            return None
+
+    def _finish(self, state: RunState | None, error: BaseException | None) -> None:
+        if state is None:
+            return
+        try:
+            billed = state.prompt_estimate if error is None else None
+            self.tracker.record(
+                billed or TokenUsage(),
+                model=self.model or UNKNOWN_MODEL,
+                provider=self.provider,
+                call_type="embedding",
+                framework="langchain",
+                user_id=self.user_id,
+                session_id=self.session_id,
+                tags=self.tags,
+                status="ok" if error is None else "error",
+                error_type=None if error is None else type(error).__name__,
+                started_at=state.started_at,
+                latency_ms=state.latency_ms(),
+                sessions=state.sessions,
+                reservation=state.reservation,
+            )
+        except Exception:
+            logger.warning("usage tracking failed after an embedding call", exc_info=True)
+
+
+def _embedding_model(embeddings: Embeddings) -> str | None:
+    for attribute in ("model", "model_name", "model_id", "deployment"):
+        value = getattr(embeddings, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _embedding_provider(embeddings: Embeddings) -> str | None:
+    module = type(embeddings).__module__.split(".")[0]
+    return module.removeprefix("langchain_") if module.startswith("langchain_") else None
+
+
+__all__ = ["TrackedEmbeddings", "UsageCallbackHandler"]
