@@ -28,7 +28,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.embeddings import Embeddings
 from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.outputs import LLMResult
 from langchain_core.tracers.context import register_configure_hook
 
 from usage_callbacks.budgets import BudgetExceededError
@@ -37,7 +37,6 @@ from usage_callbacks.sessions import active_sessions, register_session_hook
 from usage_callbacks.store.models import utcnow
 from usage_callbacks.tokens import (
     count_message_tokens,
-    count_text_tokens,
     count_texts_tokens,
     message_text,
 )
