@@ -1,0 +1,715 @@
+"""LlamaIndex adapter: CallbackManager handler, instrumentation handler, session hook.
+
+Two event systems, one count:
+- ``UsageCallbackHandler`` (CallbackManager). The one that *enforces budgets*: a
+  ``BudgetExceededError`` raised from ``on_event_start`` propagates out of the LLM or
+  embedding call before the provider is reached. Add it with
+  ``Settings.callback_manager.add_handler(handler)`` (reaches every component built from
+  Settings, whenever it was built) or ``callback_manager=CallbackManager([handler])`` on a
+  component. Assigning a *new* ``Settings.callback_manager`` later misses components
+  built before, which keep the old manager.
+- ``UsageEventHandler`` / ``instrument(tracker)`` (the root instrumentation dispatcher).
+  Sees every LLM and embedding call wherever it was built, but the dispatcher swallows
+  handler exceptions, so it records and never refuses.
+
+Wiring both is safe: calls seen by a CallbackManager handler of the same tracker are
+skipped by the event handler, and ``CustomLLM``'s nested chat -> complete events count
+as one call. Inside ``with tracker.session(...)`` both are wired for you.
+
+Usage comes from the provider first (``response.raw``, then ``additional_kwargs``). For
+usage in OpenAI streams pass ``additional_kwargs={"stream_options": {"include_usage":
+True}}`` to ``OpenAI(...)``; otherwise streamed calls are estimated with tiktoken.
+Embedding calls report no usage: their chunks are counted with the embedding model's
+encoding, and their size is not known before the call, so a budget refuses an embedding
+call only once it is exhausted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from llama_index.core import Settings
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
+from llama_index.core.callbacks.base_handler import BaseCallbackHandler
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.events.embedding import EmbeddingEndEvent, EmbeddingStartEvent
+from llama_index.core.instrumentation.events.exception import ExceptionEvent
+from llama_index.core.instrumentation.events.llm import (
+    LLMChatEndEvent,
+    LLMChatInProgressEvent,
+    LLMChatStartEvent,
+    LLMCompletionEndEvent,
+    LLMCompletionInProgressEvent,
+    LLMCompletionStartEvent,
+)
+from llama_index.core.instrumentation.span import active_span_id
+from pydantic import ConfigDict, PrivateAttr
+
+from usage_callbacks.budgets import BudgetExceededError
+from usage_callbacks.runs import RunState
+from usage_callbacks.sessions import active_sessions, register_session_hook
+from usage_callbacks.store.models import utcnow
+from usage_callbacks.tokens import count_message_tokens, count_texts_tokens, message_text
+from usage_callbacks.tracker import UsageTracker
+from usage_callbacks.usage import CallType, TokenUsage, build_usage, normalize_usage
+
+logger = logging.getLogger("usage_callbacks")
+
+UNKNOWN_MODEL = "unknown"
+_PROVIDERS = (
+    ("openai", "openai"),
+    ("anthropic", "anthropic"),
+    ("gemini", "google"),
+    ("google", "google"),
+    ("bedrock", "aws"),
+    ("ollama", "ollama"),
+    ("mistral", "mistral"),
+    ("cohere", "cohere"),
+)
+
+
+# -------------------------------------------------------------------- shared state
+
+
+class _RecentSet:
+    """A bounded set of recent keys (spans already counted by a CallbackManager handler)."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._keys: OrderedDict[tuple[int, str], None] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def add(self, key: tuple[int, str]) -> None:
+        with self._lock:
+            self._keys[key] = None
+            while len(self._keys) > self._size:
+                self._keys.popitem(last=False)
+
+    def __contains__(self, key: tuple[int, str]) -> bool:
+        with self._lock:
+            return key in self._keys
+
+
+_counted_spans = _RecentSet()
+# Open calls in this context by model identity, one record per event system: a
+# CustomLLM's chat -> complete nests, and the dispatcher's start event precedes the
+# CallbackManager's for the same call.
+_OpenCalls = ContextVar[tuple[str, ...]]
+_open_callback_calls: _OpenCalls = ContextVar("usage_callbacks_li_cb_open", default=())
+_open_event_calls: _OpenCalls = ContextVar("usage_callbacks_li_ev_open", default=())
+# Latest streamed text per span, for streams that end in an exception.
+_streamed: OrderedDict[str, str] = OrderedDict()
+_streamed_lock = threading.Lock()
+
+
+def _open_call(open_calls: _OpenCalls, identity: str) -> bool:
+    """Mark a call open; False when one of the same model is open already (nested)."""
+    if identity in open_calls.get():
+        return False
+    open_calls.set((*open_calls.get(), identity))
+    return True
+
+
+def _forget_open_call(open_calls: _OpenCalls, identity: str) -> None:
+    calls = list(open_calls.get())
+    if identity in calls:
+        calls.remove(identity)
+        open_calls.set(tuple(calls))
+
+
+def _remember_stream(span_id: str | None, text: str) -> None:
+    if not span_id:
+        return
+    with _streamed_lock:
+        _streamed[span_id] = text
+        while len(_streamed) > 10_000:
+            _streamed.popitem(last=False)
+
+
+def _streamed_text(span_id: str | None) -> str:
+    if not span_id:
+        return ""
+    with _streamed_lock:
+        return _streamed.pop(span_id, "")
+
+
+# -------------------------------------------------------------------- extraction
+
+
+def _model_identity(payload: dict[str, Any] | None) -> str:
+    payload = payload or {}
+    return f"{payload.get('class_name')}:{_model_name(payload)}"
+
+
+def _model_name(payload: dict[str, Any] | None) -> str | None:
+    for key in ("model", "model_name"):
+        value = (payload or {}).get(key)
+        if isinstance(value, str) and value and value != UNKNOWN_MODEL:
+            return value
+    return None
+
+
+def _provider(payload: dict[str, Any] | None) -> str | None:
+    name = str((payload or {}).get("class_name") or "").lower()
+    for marker, provider in _PROVIDERS:
+        if marker in name:
+            return provider
+    return None
+
+
+def _max_tokens(payload: dict[str, Any] | None, kwargs: dict[str, Any] | None) -> int | None:
+    for source in (kwargs or {}, payload or {}):
+        for key in ("max_tokens", "max_completion_tokens", "num_output"):
+            value = source.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _response_text(response: Any) -> str:
+    if response is None:
+        return ""
+    message = getattr(response, "message", None)
+    if message is not None:
+        return message_text(getattr(message, "content", None))
+    text = getattr(response, "text", None)
+    return text if isinstance(text, str) else ""
+
+
+def _response_model(response: Any) -> str | None:
+    raw = getattr(response, "raw", None)
+    model = raw.get("model") if isinstance(raw, dict) else getattr(raw, "model", None)
+    return model if isinstance(model, str) and model else None
+
+
+def _reported_usage(response: Any) -> TokenUsage | None:
+    """Provider numbers: the raw response first, then what integrations copy out."""
+    if response is None:
+        return None
+    for place in (getattr(response, "raw", None), getattr(response, "additional_kwargs", None)):
+        if place:
+            usage = normalize_usage(place)
+            if usage is not None and usage.total:
+                return usage
+    return None
+
+
+def _prompt_estimate(state: RunState) -> int:
+    inputs = state.inputs
+    if state.call_type == "chat":
+        return count_message_tokens(inputs or [], state.model)
+    return count_texts_tokens([str(inputs or "")], state.model)
+
+
+# -------------------------------------------------------------------- recording
+
+
+@dataclass
+class _Call:
+    """What a start event said, for building the RunState of each tracker."""
+
+    key: str
+    call_type: CallType
+    payload: dict[str, Any]
+    inputs: Any
+    kwargs: dict[str, Any]
+    parent_id: str | None
+    span_id: str | None
+
+
+def _start_run(
+    tracker: UsageTracker,
+    call: _Call,
+    *,
+    user_id: str | None,
+    session_id: str | None,
+    tags: Sequence[str],
+    enforce: bool,
+) -> None:
+    state = RunState(
+        run_id=call.key,
+        started_at=utcnow(),
+        framework="llamaindex",
+        call_type=call.call_type,
+        model=_model_name(call.payload),
+        provider=_provider(call.payload),
+        parent_run_id=call.parent_id,
+        user_id=user_id,
+        session_id=session_id,
+        tags=list(tags),
+        sessions=tuple(s for s in active_sessions() if s.tracker is tracker),
+        inputs=call.inputs,
+        extra={"span_id": call.span_id},
+    )
+    state, is_new = tracker.runs.start(state)
+    if not is_new:
+        state.user_id = user_id or state.user_id
+        state.session_id = session_id or state.session_id
+        state.tags = list(dict.fromkeys([*state.tags, *tags]))
+        return
+    if not (enforce and tracker.has_budgets):
+        return
+    if call.call_type == "embedding":
+        # chunks are not in the start payload: an exhausted budget still refuses
+        prompt, embedding = 0, 1
+    else:
+        prompt, embedding = _prompt_estimate(state), 0
+    state.reservation = tracker.reserve(
+        model=state.model,
+        provider=state.provider,
+        prompt_tokens=prompt,
+        embedding_tokens=embedding,
+        max_output_tokens=_max_tokens(call.payload, call.kwargs),
+        user_id=state.user_id,
+        session_id=state.session_id,
+        sessions=state.sessions,
+    )
+
+
+def _finish_run(
+    tracker: UsageTracker,
+    key: str,
+    *,
+    response: Any = None,
+    chunks: Sequence[str] | None = None,
+    error: BaseException | None = None,
+    streamed: str = "",
+) -> None:
+    state = tracker.runs.finish(key)
+    if state is None:
+        return
+    model = _response_model(response) or state.model or UNKNOWN_MODEL
+    if state.call_type == "embedding":
+        texts = [chunk for chunk in (chunks or []) if isinstance(chunk, str)]
+        usage = build_usage(embedding=count_texts_tokens(texts, model), estimated=True)
+    else:
+        usage = _reported_usage(response) or _estimate(state, response, streamed, error)
+    tracker.record(
+        usage,
+        model=model,
+        provider=state.provider,
+        call_type=state.call_type,
+        framework="llamaindex",
+        user_id=state.user_id,
+        session_id=state.session_id,
+        run_id=state.run_id,
+        parent_run_id=state.parent_run_id,
+        tags=state.tags,
+        status="ok" if error is None else "error",
+        error_type=None if error is None else type(error).__name__,
+        started_at=state.started_at,
+        latency_ms=state.latency_ms(),
+        sessions=state.sessions,
+        reservation=state.reservation,
+    )
+
+
+def _estimate(
+    state: RunState, response: Any, streamed: str, error: BaseException | None
+) -> TokenUsage:
+    text = _response_text(response) or streamed
+    if error is not None and not text:
+        return TokenUsage()  # failed before anything came back: nothing billed
+    completion = count_texts_tokens([text], state.model) if text else 0
+    return build_usage(prompt=_prompt_estimate(state), completion=completion, estimated=True)
+
+
+# -------------------------------------------------------------------- CallbackManager
+
+
+class UsageCallbackHandler(BaseCallbackHandler):
+    """CallbackManager handler: records LLM and embedding events; refuses over budget."""
+
+    def __init__(
+        self,
+        tracker: UsageTracker,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(event_starts_to_ignore=[], event_ends_to_ignore=[])
+        if not isinstance(tracker, UsageTracker):
+            raise TypeError(f"UsageCallbackHandler needs a UsageTracker, not {tracker!r}")
+        self.tracker = tracker
+        self.user_id = user_id
+        self.session_id = session_id
+        self.tags = list(tags or [])
+        self._nested: set[str] = set()
+        self._opened: dict[str, tuple[str, str, str | None]] = {}
+        self._lock = threading.Lock()
+        _watch_streams()
+
+    def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
+        return (self.tracker,)
+
+    def start_trace(self, trace_id: str | None = None) -> None:
+        return None
+
+    def end_trace(
+        self, trace_id: str | None = None, trace_map: dict[str, list[str]] | None = None
+    ) -> None:
+        return None
+
+    def on_event_start(
+        self,
+        event_type: CBEventType,
+        payload: dict[str, Any] | None = None,
+        event_id: str = "",
+        parent_id: str = "",
+        **kwargs: Any,
+    ) -> str:
+        if event_type not in (CBEventType.LLM, CBEventType.EMBEDDING):
+            return event_id
+        trackers: tuple[UsageTracker, ...] = ()
+        try:
+            trackers = self._trackers(event_id, True)
+            call = self._call(event_type, payload or {}, event_id, parent_id) if trackers else None
+            if call is None:
+                return event_id
+            for tracker in trackers:
+                if call.span_id:  # the event handler of this tracker must skip this span
+                    _counted_spans.add((id(tracker), call.span_id))
+                _start_run(
+                    tracker,
+                    call,
+                    user_id=self.user_id,
+                    session_id=self.session_id,
+                    tags=self.tags,
+                    enforce=True,
+                )
+        except BudgetExceededError:
+            for tracker in trackers:
+                tracker.runs.finish(event_id)
+            self._close(event_id)
+            raise
+        except Exception:
+            logger.warning("usage tracking failed at an event start", exc_info=True)
+        return event_id
+
+    def _call(
+        self, event_type: CBEventType, payload: dict[str, Any], event_id: str, parent_id: str
+    ) -> _Call | None:
+        serialized = payload.get(EventPayload.SERIALIZED) or {}
+        span_id = active_span_id.get()
+        if event_type == CBEventType.EMBEDDING:
+            call_type: CallType = "embedding"
+            inputs: Any = None
+        elif EventPayload.MESSAGES in payload:
+            call_type, inputs = "chat", payload.get(EventPayload.MESSAGES)
+        else:
+            call_type, inputs = "completion", payload.get(EventPayload.PROMPT)
+        identity = _model_identity(serialized)
+        if call_type != "embedding" and not _open_call(_open_callback_calls, identity):
+            with self._lock:
+                self._nested.add(event_id)  # chat -> complete inside one CustomLLM call
+            return None
+        with self._lock:
+            self._opened[event_id] = (call_type, identity, span_id)
+        return _Call(
+            key=event_id,
+            call_type=call_type,
+            payload=serialized,
+            inputs=inputs,
+            kwargs=payload.get(EventPayload.ADDITIONAL_KWARGS) or {},
+            parent_id=parent_id or None,
+            span_id=span_id,
+        )
+
+    def _close(self, event_id: str) -> tuple[str, str, str | None] | None:
+        with self._lock:
+            opened = self._opened.pop(event_id, None)
+        if opened is not None and opened[0] != "embedding":
+            _forget_open_call(_open_callback_calls, opened[1])
+        return opened
+
+    def on_event_end(
+        self,
+        event_type: CBEventType,
+        payload: dict[str, Any] | None = None,
+        event_id: str = "",
+        **kwargs: Any,
+    ) -> None:
+        if event_type not in (CBEventType.LLM, CBEventType.EMBEDDING):
+            return
+        try:
+            with self._lock:
+                if event_id in self._nested:
+                    self._nested.discard(event_id)
+                    return
+            opened = self._close(event_id)
+            if opened is None:
+                return
+            payload = payload or {}
+            error = payload.get(EventPayload.EXCEPTION)
+            response = payload.get(EventPayload.RESPONSE) or payload.get(EventPayload.COMPLETION)
+            streamed = _streamed_text(opened[2]) if error is not None else ""
+            for tracker in self._trackers(event_id, False):
+                _finish_run(
+                    tracker,
+                    event_id,
+                    response=response,
+                    chunks=payload.get(EventPayload.CHUNKS),
+                    error=error if isinstance(error, BaseException) else None,
+                    streamed=streamed,
+                )
+        except Exception:  # never break the user's call from an end hook
+            logger.warning("usage tracking failed at an event end", exc_info=True)
+
+
+class _SessionCallbackHandler(UsageCallbackHandler):
+    """Lives in Settings.callback_manager; serves the trackers of open sessions."""
+
+    def __init__(self) -> None:
+        BaseCallbackHandler.__init__(self, event_starts_to_ignore=[], event_ends_to_ignore=[])
+        self.user_id = None
+        self.session_id = None
+        self.tags = []
+        self._nested = set()
+        self._opened = {}
+        self._lock = threading.Lock()
+        self._routes: dict[str, tuple[UsageTracker, ...]] = {}
+
+    def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
+        with self._lock:
+            if not starting:
+                return self._routes.pop(key, ())
+            trackers = tuple(dict.fromkeys(s.tracker for s in active_sessions()))
+            if trackers:
+                self._routes[key] = trackers
+            return trackers
+
+
+# -------------------------------------------------------------------- instrumentation
+
+
+class UsageEventHandler(BaseEventHandler):
+    """Root-dispatcher handler: records every LLM and embedding call; never refuses."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    tracker: UsageTracker | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    tags: list[str] = []
+    _calls: dict[str, _Call] = PrivateAttr(default_factory=dict)
+    _nested: set[str] = PrivateAttr(default_factory=set)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "UsageEventHandler"
+
+    def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
+        return (self.tracker,) if self.tracker is not None else ()
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        try:
+            self._handle(event)
+        except Exception:
+            logger.warning("usage tracking failed on %s", type(event).__name__, exc_info=True)
+
+    def _handle(self, event: BaseEvent) -> None:
+        span = event.span_id or ""
+        if isinstance(event, (LLMChatInProgressEvent, LLMCompletionInProgressEvent)):
+            _remember_stream(span, _response_text(event.response))
+        elif isinstance(event, (LLMChatStartEvent, LLMCompletionStartEvent, EmbeddingStartEvent)):
+            self._start(event, span)
+        elif isinstance(event, (LLMChatEndEvent, LLMCompletionEndEvent)):
+            self._end(span, response=event.response)
+        elif isinstance(event, EmbeddingEndEvent):
+            self._end(span, chunks=event.chunks)
+        elif isinstance(event, ExceptionEvent):
+            self._end(span, error=event.exception, streamed=_streamed_text(span))
+
+    def _start(self, event: BaseEvent, span: str) -> None:
+        payload = dict(getattr(event, "model_dict", None) or {})
+        key = f"li-span:{span}:{type(event).__name__.replace('StartEvent', '')}"
+        if isinstance(event, EmbeddingStartEvent):
+            call_type: CallType = "embedding"
+            inputs: Any = None
+        elif isinstance(event, LLMChatStartEvent):
+            call_type, inputs = "chat", event.messages
+        else:
+            call_type, inputs = "completion", getattr(event, "prompt", "")
+        if call_type != "embedding" and not _open_call(_open_event_calls, _model_identity(payload)):
+            with self._lock:
+                self._nested.add(span)
+            return
+        call = _Call(
+            key=key,
+            call_type=call_type,
+            payload=payload,
+            inputs=inputs,
+            kwargs=dict(getattr(event, "additional_kwargs", None) or {}),
+            parent_id=None,
+            span_id=span,
+        )
+        trackers = self._trackers(key, True)
+        with self._lock:
+            self._calls[span] = call
+        for tracker in trackers:
+            _start_run(
+                tracker,
+                call,
+                user_id=self.user_id,
+                session_id=self.session_id,
+                tags=self.tags,
+                enforce=False,
+            )
+
+    def _end(
+        self,
+        span: str,
+        *,
+        response: Any = None,
+        chunks: Sequence[str] | None = None,
+        error: BaseException | None = None,
+        streamed: str = "",
+    ) -> None:
+        with self._lock:
+            if span in self._nested:
+                self._nested.discard(span)
+                return
+            call = self._calls.pop(span, None)
+        if call is None:
+            return
+        if call.call_type != "embedding":
+            _forget_open_call(_open_event_calls, _model_identity(call.payload))
+        for tracker in self._trackers(call.key, False):
+            if (id(tracker), span) in _counted_spans:
+                tracker.runs.finish(call.key)  # a CallbackManager handler counted it
+                continue
+            _finish_run(
+                tracker, call.key, response=response, chunks=chunks, error=error, streamed=streamed
+            )
+
+
+class _SessionEventHandler(UsageEventHandler):
+    """On the root dispatcher while sessions exist; serves the trackers of open sessions."""
+
+    _routes: dict[str, tuple[UsageTracker, ...]] = PrivateAttr(default_factory=dict)
+
+    def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
+        with self._lock:
+            if not starting:
+                return self._routes.pop(key, ())
+            trackers = tuple(dict.fromkeys(s.tracker for s in active_sessions()))
+            if trackers:
+                self._routes[key] = trackers
+            return trackers
+
+    def _start(self, event: BaseEvent, span: str) -> None:
+        if active_sessions():
+            super()._start(event, span)
+
+
+class _StreamWatcher(BaseEventHandler):
+    """Keeps the latest streamed text per span for CallbackManager handlers."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "UsageCallbacksStreamWatcher"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        if isinstance(event, (LLMChatInProgressEvent, LLMCompletionInProgressEvent)):
+            try:
+                _remember_stream(event.span_id, _response_text(event.response))
+            except Exception:
+                logger.warning("usage tracking failed on a streamed chunk", exc_info=True)
+
+
+_wiring_lock = threading.Lock()
+_stream_watcher: _StreamWatcher | None = None
+
+
+def _watch_streams() -> None:
+    global _stream_watcher
+    with _wiring_lock:
+        if _stream_watcher is None:
+            _stream_watcher = _StreamWatcher()
+            get_dispatcher().add_event_handler(_stream_watcher)
+
+
+# -------------------------------------------------------------------- wiring
+
+
+@dataclass
+class Instrumentation:
+    """Returned by ``instrument``: ``detach()`` removes the handler again."""
+
+    handler: UsageEventHandler
+
+    def detach(self) -> None:
+        with _wiring_lock:
+            root = get_dispatcher()
+            root.event_handlers = [h for h in root.event_handlers if h is not self.handler]
+            _instrumented.pop(id(self.handler.tracker), None)
+
+
+_instrumented: dict[int, Instrumentation] = {}
+
+
+def instrument(
+    tracker: UsageTracker,
+    *,
+    user_id: str | None = None,
+    session_id: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> Instrumentation:
+    """Attach a UsageEventHandler for ``tracker`` to the root dispatcher, once."""
+    with _wiring_lock:
+        existing = _instrumented.get(id(tracker))
+        if existing is not None:
+            return existing
+        handler = UsageEventHandler(
+            tracker=tracker, user_id=user_id, session_id=session_id, tags=list(tags or [])
+        )
+        get_dispatcher().add_event_handler(handler)
+        handle = Instrumentation(handler)
+        _instrumented[id(tracker)] = handle
+        return handle
+
+
+_session_callback_handler = _SessionCallbackHandler()
+_session_event_handler = _SessionEventHandler()
+
+
+def _ensure_session_wiring() -> None:
+    """Put the session handlers where every call passes, whatever was built when."""
+    managers = [Settings.callback_manager]
+    # Settings' own LLM and embedding model keep the manager they were resolved with,
+    # which is not Settings.callback_manager when that did not exist yet.
+    for component in (getattr(Settings, "_llm", None), getattr(Settings, "_embed_model", None)):
+        manager = getattr(component, "callback_manager", None)
+        if isinstance(manager, CallbackManager):
+            managers.append(manager)
+    for manager in managers:
+        if _session_callback_handler not in manager.handlers:
+            manager.add_handler(_session_callback_handler)
+    with _wiring_lock:
+        root = get_dispatcher()
+        if _session_event_handler not in root.event_handlers:
+            root.add_event_handler(_session_event_handler)
+    _watch_streams()
+
+
+@contextmanager
+def _capture_in_session() -> Iterator[None]:
+    _ensure_session_wiring()
+    yield
+
+
+register_session_hook(_capture_in_session)
+
+
+__all__ = ["Instrumentation", "UsageCallbackHandler", "UsageEventHandler", "instrument"]
