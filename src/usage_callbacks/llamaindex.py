@@ -1,4 +1,4 @@
-"""``from usage_callbacks.llamaindex import UsageCallbackHandler, UsageEventHandler, instrument``."""
+"""The LlamaIndex import path: handlers for both event systems and ``instrument``."""
 
 from usage_callbacks.integrations.llamaindex import (
     Instrumentation,

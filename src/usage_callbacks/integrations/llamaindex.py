@@ -52,7 +52,7 @@ from llama_index.core.instrumentation.events.llm import (
     LLMCompletionStartEvent,
 )
 from llama_index.core.instrumentation.span import active_span_id
-from pydantic import ConfigDict, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.runs import RunState
@@ -500,7 +500,7 @@ class UsageEventHandler(BaseEventHandler):
     tracker: UsageTracker | None = None
     user_id: str | None = None
     session_id: str | None = None
-    tags: list[str] = []
+    tags: list[str] = Field(default_factory=list)
     _calls: dict[str, _Call] = PrivateAttr(default_factory=dict)
     _nested: set[str] = PrivateAttr(default_factory=set)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
