@@ -8,6 +8,7 @@ summary. Models are the frameworks' own fakes, so it needs no network and no API
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from decimal import Decimal
 
@@ -39,11 +40,16 @@ def _langchain_calls(tracker: UsageTracker) -> None:
             },
         )
 
-    model = GenericFakeChatModel(
+    class FakeGPT(GenericFakeChatModel):
+        """A fake chat model that names its model, as real integrations do."""
+
+        model_name: str = "gpt-4o-mini"
+
+    model = FakeGPT(
         messages=iter(
             [
                 reply("Prompt, completion, cached and reasoning tokens, and the cost.", 812, 96),
-                reply("It reserves the worst case first and raises if it does not fit.", 954, 120, 512),
+                reply("It reserves the worst case and raises if that does not fit.", 954, 120, 512),
                 reply("SQLite by default, PostgreSQL for many workers.", 640, 48),
                 reply("Unreachable: the budget refused this call.", 10, 10),
             ]
@@ -109,13 +115,13 @@ def print_summary(summary: UsageSummary) -> None:
 
 def main(url: str | None = None) -> int:
     url = resolve_url(url)
+    # LangChain logs every exception a handler raises, the refusals included.
+    logging.getLogger("langchain_core.callbacks.manager").setLevel(logging.ERROR)
     # alice may spend $0.0006 a day: her fourth question does not fit (nor, on later
     # runs of the demo the same day, her first). Each call reserves its prompt plus 256
     # output tokens (fake models have no max_tokens) before it runs.
     budget = Budget(limit_usd=Decimal("0.0006"), per="user", period="day", name="demo-daily")
-    with UsageTracker(
-        url, budgets=[budget], durable=True, default_output_allowance=256
-    ) as tracker:
+    with UsageTracker(url, budgets=[budget], durable=True, default_output_allowance=256) as tracker:
         print(f"usage-callbacks demo: recording into {url}")
         if importlib.util.find_spec("langchain_core"):
             _langchain_calls(tracker)
