@@ -127,6 +127,10 @@ class UsageTracker:
                     f"a budget labelled {budget.label!r} exists; give one of them a name="
                 )
             self._budgets.append(budget)
+        try:
+            self.store.ledger.register(budget)
+        except Exception:
+            logger.warning("could not save budget %s for readers", budget.label, exc_info=True)
 
     @property
     def budgets(self) -> list[Budget]:

@@ -70,13 +70,23 @@ class UsageSummary(BaseModel):
         return self.usage
 
 
+class DailyUsage(BaseModel):
+    day: str
+    model: str
+    usage: TokenUsage
+
+
 class UsageStore(Protocol):
     """Persistence for usage records; implementations must be thread-safe."""
 
     def write(self, records: Sequence[UsageRecord]) -> None:
         """Insert records; a record id already stored is skipped (idempotent retries)."""
 
-    def records(self, where: UsageFilter, limit: int | None = None) -> list[UsageRecord]: ...
+    def records(
+        self, where: UsageFilter, limit: int | None = None, newest_first: bool = False
+    ) -> list[UsageRecord]: ...
+
+    def daily_by_model(self, where: UsageFilter) -> list[DailyUsage]: ...
 
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
         """Stream records oldest first in constant memory."""

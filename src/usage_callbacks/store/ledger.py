@@ -57,6 +57,44 @@ class BudgetHold(SQLModel, table=True):
     expires_at: datetime = Field(sa_type=UTCDateTime)
 
 
+class BudgetDefinition(SQLModel, table=True):
+    """A tracker's budget as configured in code, so the CLI can show headroom."""
+
+    __tablename__: ClassVar[str] = "budget_definitions"  # type: ignore[misc]
+
+    budget: str = Field(primary_key=True, max_length=256)
+    limit_pico: int | None = Field(default=None, sa_type=sa.BigInteger)
+    limit_tokens: int | None = Field(default=None, sa_type=sa.BigInteger)
+    per: str = Field(max_length=16)
+    period: str | None = Field(default=None, max_length=16)
+    rolling_seconds: float | None = None
+
+    @classmethod
+    def of(cls, budget: Budget) -> BudgetDefinition:
+        rolling = budget.period if isinstance(budget.period, timedelta) else None
+        return cls(
+            budget=budget.label,
+            limit_pico=None if budget.limit_usd is None else usd_to_pico(budget.limit_usd),
+            limit_tokens=budget.limit_tokens,
+            per=budget.per,
+            period=budget.period if isinstance(budget.period, str) else None,
+            rolling_seconds=rolling.total_seconds() if rolling else None,
+        )
+
+    def to_budget(self) -> Budget:
+        period: str | timedelta | None = self.period
+        if self.rolling_seconds:
+            period = timedelta(seconds=self.rolling_seconds)
+        return Budget(
+            limit_usd=None if self.limit_pico is None else pico_to_usd(self.limit_pico),
+            limit_tokens=self.limit_tokens,
+            per=self.per,  # type: ignore[arg-type]
+            period=period,  # type: ignore[arg-type]
+            name=self.budget,
+        )
+
+
+_definitions = BudgetDefinition.__table__  # type: ignore[attr-defined]
 _counters = BudgetCounter.__table__  # type: ignore[attr-defined]
 _holds = BudgetHold.__table__  # type: ignore[attr-defined]
 
@@ -121,7 +159,7 @@ class BudgetLedger:
         self.engine = engine
         self._guard = lock or nullcontext()
         self.dialect = engine.dialect.name
-        SQLModel.metadata.create_all(engine, tables=[_counters, _holds])
+        SQLModel.metadata.create_all(engine, tables=[_counters, _holds, _definitions])
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._insert = insert
 
@@ -324,6 +362,28 @@ class BudgetLedger:
             period_start=start,
             period_end=end,
         )
+
+    def register(self, budget: Budget) -> None:
+        """Remember the budget's definition (latest wins) for readers such as the CLI."""
+        row = BudgetDefinition.of(budget).model_dump()
+        statement = self._insert(_definitions).values(**row)
+        statement = statement.on_conflict_do_update(
+            index_elements=["budget"], set_={k: v for k, v in row.items() if k != "budget"}
+        )
+        with self._guard, self.engine.begin() as connection:
+            connection.execute(statement)
+
+    def overview(self, now: datetime) -> list[BudgetStatus]:
+        """Every registered budget, for every key with spend or holds this period."""
+        with self._guard, self.engine.connect() as connection:
+            rows = connection.execute(sa.select(_definitions)).mappings().all()
+        charges = []
+        for row in rows:
+            budget = BudgetDefinition(**row).to_budget()
+            # a budget nobody spent from this period still shows, with all its headroom
+            keys = self.scope_keys(budget, now) or (["*"] if budget.per == "global" else ["-"])
+            charges.extend(Charge(budget, key) for key in keys)
+        return self.status(charges, now)
 
     def release(self, reservation_id: str) -> None:
         with self._guard, self.engine.begin() as connection:

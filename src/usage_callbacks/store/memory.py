@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-from usage_callbacks.store.base import GroupBy, UsageFilter, UsageSummary
+from usage_callbacks.store.base import DailyUsage, GroupBy, UsageFilter, UsageSummary
 from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.store.sql import SqlStore
 
@@ -30,9 +30,15 @@ class MemoryStore(SqlStore):
         with self.lock:
             return super().purge(before)
 
-    def records(self, where: UsageFilter, limit: int | None = None) -> list[UsageRecord]:
+    def records(
+        self, where: UsageFilter, limit: int | None = None, newest_first: bool = False
+    ) -> list[UsageRecord]:
         with self.lock:
-            return super().records(where, limit)
+            return super().records(where, limit, newest_first)
+
+    def daily_by_model(self, where: UsageFilter) -> list[DailyUsage]:
+        with self.lock:
+            return super().daily_by_model(where)
 
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
         return iter(self.records(where))

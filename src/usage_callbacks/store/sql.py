@@ -16,6 +16,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, select
 
 from usage_callbacks.store.base import (
+    DailyUsage,
     GroupBy,
     GroupSummary,
     TokenStats,
@@ -214,15 +215,48 @@ class SqlStore:
 
     # ------------------------------------------------------------------ reads
 
-    def records(self, where: UsageFilter, limit: int | None = None) -> list[UsageRecord]:
+    def records(
+        self, where: UsageFilter, limit: int | None = None, newest_first: bool = False
+    ) -> list[UsageRecord]:
+        order = (UsageRecord.ended_at, UsageRecord.id)
         statement = self._where(select(UsageRecord), where).order_by(
-            UsageRecord.ended_at,
-            UsageRecord.id,
+            *(sa.desc(column) for column in order) if newest_first else order  # type: ignore[arg-type]
         )
         if limit is not None:
             statement = statement.limit(limit)
         with Session(self.engine, expire_on_commit=False) as session:
             return list(session.exec(statement))
+
+    def daily_by_model(self, where: UsageFilter) -> list[DailyUsage]:
+        """Spend and tokens per UTC day and model, for charts."""
+        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        day = self._group_column("day")
+        query = (
+            self._where(
+                sa.select(
+                    day,
+                    c.model,
+                    sa.func.sum(sa.type_coerce(c.cost_estimate_usd, sa.BigInteger)).label("pico"),
+                    *(sa.func.sum(c[name]).label(name) for name in _SUMMED[:-1]),
+                ),
+                where,
+            )
+            .group_by(day, c.model)
+            .order_by(day, c.model)
+        )
+        with self.engine.connect() as connection:
+            return [
+                DailyUsage(
+                    day=str(row["group_key"]),
+                    model=row["model"] or "unknown",
+                    usage=TokenUsage.model_construct(
+                        **{name: int(row[name] or 0) for name in _SUMMED[:-1]},
+                        cost_estimate_usd=pico_to_usd(row["pico"]),
+                        estimated=False,
+                    ),
+                )
+                for row in connection.execute(query).mappings()
+            ]
 
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
         statement = self._where(select(UsageRecord), where).order_by(
