@@ -234,9 +234,8 @@ def cmd_purge(args: argparse.Namespace, out: IO[str]) -> int:
         if not args.yes:
             if not sys.stdin.isatty():
                 raise CliError(f"{doomed:,} records would be deleted; pass --yes to confirm")
-            answer = input(
-                f"Delete {doomed:,} records that ended before {args.before:%Y-%m-%d %H:%M} UTC? [y/N] "
-            )
+            cutoff = f"{args.before:%Y-%m-%d %H:%M} UTC"
+            answer = input(f"Delete {doomed:,} records that ended before {cutoff}? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted", file=out)
                 return 0

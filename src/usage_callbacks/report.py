@@ -79,7 +79,8 @@ def markdown(data: ReportData) -> str:
         "",
         "## Totals",
         "",
-        "| calls | errors | prompt | cached | completion | reasoning | embedding | total | cost | cost / 1K tokens |",
+        "| calls | errors | prompt | cached | completion | reasoning | embedding | total | cost "
+        "| cost / 1K tokens |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {overall.calls:,} | {overall.errors:,} | {usage.prompt_tokens:,} | "
         f"{usage.cache_read_tokens:,} | {usage.completion_tokens:,} | {usage.reasoning_tokens:,} | "
@@ -98,14 +99,15 @@ def markdown(data: ReportData) -> str:
     for group in data.by_model.groups:
         cost = group.usage.cost_estimate_usd
         lines.append(
-            f"| {group.key or 'unknown'} | {group.calls:,} | {group.usage.total:,} | {_usd(cost)} | "
-            f"{_per_1k(cost, group.usage.total)} | {cost / total_cost:.1%} |"
+            f"| {group.key or 'unknown'} | {group.calls:,} | {group.usage.total:,} | "
+            f"{_usd(cost)} | {_per_1k(cost, group.usage.total)} | {cost / total_cost:.1%} |"
         )
     lines += [
         "",
         "## Last 10 calls",
         "",
-        "| ended (UTC) | model | user | session | prompt | completion | embedding | cost | status |",
+        "| ended (UTC) | model | user | session | prompt | completion | embedding | cost "
+        "| status |",
         "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for record in data.latest:
@@ -138,7 +140,8 @@ def _spend_chart(daily: list[DailyUsage], width: int = 760, height: int = 300) -
     parts = [
         f'<svg class="chart" id="spend-chart" xmlns="http://www.w3.org/2000/svg" '
         f'width="{width}" height="{height}" role="img" aria-label="Spend per day by model">',
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" stroke="#888"/>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" '
+        'stroke="#888"/>',
         f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{_usd(peak)}</text>',
         f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">$0</text>',
     ]
