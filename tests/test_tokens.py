@@ -1,0 +1,122 @@
+"""tiktoken counting: encodings per model, chat framing, and no network ever."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from llama_index.core.llms import ChatMessage
+
+from usage_callbacks import count_message_tokens, count_text_tokens
+from usage_callbacks.tokens import encoding_name_for_model, get_encoding
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4o-mini-2024-07-18", "o200k_base"),
+        ("gpt-4.1", "o200k_base"),
+        ("o3-mini", "o200k_base"),
+        ("openai/gpt-4o", "o200k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("gpt-3.5-turbo", "cl100k_base"),
+        ("text-embedding-3-small", "cl100k_base"),
+        ("claude-sonnet-4-5", "cl100k_base"),
+        (None, "cl100k_base"),
+    ],
+)
+def test_encoding_per_model(model: str | None, encoding: str) -> None:
+    assert encoding_name_for_model(model) == encoding
+
+
+def test_text_counts_match_tiktoken() -> None:
+    text = "Tokens <|endoftext|> are counted as text, naïvely or not. 12345"
+    for model, name in (("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")):
+        expected = len(get_encoding(name).encode(text, disallowed_special=()))
+        assert count_text_tokens(text, model) == expected
+    assert count_text_tokens("", "gpt-4o") == 0
+
+
+def test_chat_framing_follows_the_openai_cookbook() -> None:
+    encoding = get_encoding("o200k_base")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there", "name": "alice"},
+    ]
+    by_hand = 3  # reply primer
+    for message in messages:
+        by_hand += (
+            3 + len(encoding.encode(message["role"])) + len(encoding.encode(message["content"]))
+        )
+        if "name" in message:
+            by_hand += 1 + len(encoding.encode(message["name"]))
+    assert count_message_tokens(messages, "gpt-4o") == by_hand
+    assert count_message_tokens([], "gpt-4o") == 0
+
+
+def test_framework_messages_and_content_parts() -> None:
+    as_dicts = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    langchain = [SystemMessage("Be brief."), HumanMessage("Hi")]
+    llama = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="Hi"),
+    ]
+    parts = [
+        {
+            "role": "system",
+            "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}],
+        },
+        {"role": "user", "content": "Hi"},
+    ]
+    expected = count_message_tokens(as_dicts, "gpt-4o")
+    assert count_message_tokens(parts, "gpt-4o") == expected
+    assert count_message_tokens(llama, "gpt-4o") == expected
+    # LangChain's roles are "system"/"human": same framing, the role word differs
+    assert abs(count_message_tokens(langchain, "gpt-4o") - expected) <= 2
+    assert count_message_tokens([AIMessage("")], "gpt-4o") > 0
+
+
+OFFLINE = """
+import socket, sys
+def no_network(*args, **kwargs):
+    raise OSError("network is off in this test")
+socket.socket.connect = no_network
+socket.create_connection = no_network
+from usage_callbacks import count_text_tokens
+print(count_text_tokens("hello world", "gpt-4o"), count_text_tokens("hello world", "gpt-4"))
+"""
+
+
+def test_encodings_load_from_llama_index_without_network(tmp_path: Path) -> None:
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache")}
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "2"]
+    assert "TIKTOKEN_CACHE_DIR" not in result.stderr
+
+
+NO_LLAMA = OFFLINE.replace(
+    "from usage_callbacks import",
+    "sys.modules['llama_index'] = None\nsys.modules['llama_index.core'] = None\n"
+    "import importlib.util\n_find = importlib.util.find_spec\n"
+    "importlib.util.find_spec = lambda name, *a: None if name.startswith('llama_index') "
+    "else _find(name, *a)\nfrom usage_callbacks import",
+)
+
+
+def test_without_either_copy_the_error_names_both_remedies(tmp_path: Path) -> None:
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache")}
+    result = subprocess.run(
+        [sys.executable, "-c", NO_LLAMA], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "EncodingUnavailableError" in last
+    assert "install llama-index-core" in last and "tiktoken's cache" in last
