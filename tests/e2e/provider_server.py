@@ -1,0 +1,311 @@
+"""A loopback HTTP server speaking the OpenAI and Anthropic wire formats, and billing.
+
+Real SDK clients (langchain-openai, langchain-anthropic, llama-index-llms-openai,
+llama-index-embeddings-openai) talk to it as to the providers. Every response carries
+deterministic usage, and ``server.billed`` keeps what was billed per request, so tests
+compare what usage-callbacks recorded with what the "provider" charged, token for token.
+
+Billing rules (deterministic, non-trivial):
+- chat prompt = 11 + characters of all message text // 4; ``cached`` of it were cache
+  reads (OpenAI ``prompt_tokens_details.cached_tokens``; Anthropic
+  ``cache_read_input_tokens``) and ``cache_write`` were cache writes (Anthropic only);
+- completion = the words of the reply + ``reasoning`` (OpenAI reasoning tokens);
+- embeddings: the number of token ids sent, or tiktoken's count of the texts sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from usage_callbacks.tokens import count_text_tokens
+
+REPLY = "Paris is the capital of France, on the Seine."
+
+
+@dataclass
+class Bill:
+    endpoint: str
+    model: str
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
+    embedding: int = 0
+
+
+@dataclass
+class ProviderServer:
+    """Start with ``start()``; ``base_url`` is ``http://127.0.0.1:PORT``."""
+
+    cached: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
+    reply: str = REPLY
+    billed: list[Bill] = field(default_factory=list)
+    requests: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _httpd: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> ProviderServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return None
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                with server._lock:
+                    server.requests += 1
+                route = self.path.split("?")[0].rstrip("/")
+                if route.endswith("/chat/completions"):
+                    server._openai_chat(self, body)
+                elif route.endswith("/embeddings"):
+                    server._openai_embeddings(self, body)
+                elif route.endswith("/messages"):
+                    server._anthropic(self, body)
+                else:
+                    self.send_error(404)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.billed.clear()
+            self.requests = 0
+
+    # ------------------------------------------------------------------ billing
+
+    def _bill(self, bill: Bill) -> Bill:
+        with self._lock:
+            self.billed.append(bill)
+        return bill
+
+    def _prompt(self, body: dict[str, Any]) -> int:
+        texts = [_text(m.get("content")) for m in body.get("messages", [])]
+        texts.append(_text(body.get("system")))
+        return 11 + sum(len(text) for text in texts) // 4
+
+    def _completion_words(self) -> list[str]:
+        words = self.reply.split(" ")
+        return [word if i == 0 else " " + word for i, word in enumerate(words)]
+
+    # ------------------------------------------------------------------ OpenAI
+
+    def _openai_chat(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        prompt = self._prompt(body)
+        words = self._completion_words()
+        bill = self._bill(
+            Bill(
+                endpoint="openai.chat",
+                model=body["model"],
+                prompt=prompt,
+                completion=len(words) + self.reasoning,
+                cached=min(self.cached, prompt),
+                reasoning=self.reasoning,
+            )
+        )
+        usage = {
+            "prompt_tokens": bill.prompt,
+            "completion_tokens": bill.completion,
+            "total_tokens": bill.prompt + bill.completion,
+            "prompt_tokens_details": {"cached_tokens": bill.cached, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": bill.reasoning, "audio_tokens": 0},
+        }
+        base = {"id": "chatcmpl-test", "created": int(time.time()), "model": body["model"]}
+        if not body.get("stream"):
+            _json(
+                handler,
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": self.reply},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": usage,
+                },
+            )
+            return
+
+        def events() -> Iterator[dict[str, Any]]:
+            chunk = {**base, "object": "chat.completion.chunk"}
+            yield {
+                **chunk,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+            }
+            for word in words:
+                yield {**chunk, "choices": [{"index": 0, "delta": {"content": word}}]}
+            yield {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield {**chunk, "choices": [], "usage": usage}
+
+        _sse(handler, ((None, event) for event in events()), done=True)
+
+    def _openai_embeddings(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        tokens = sum(
+            len(item) if isinstance(item, list) else count_text_tokens(item, body["model"])
+            for item in inputs
+        )
+        self._bill(Bill(endpoint="openai.embeddings", model=body["model"], embedding=tokens))
+        vector = [0.1, 0.2, 0.3, 0.4]
+        encoded: Any = vector
+        if body.get("encoding_format") == "base64":
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        _json(
+            handler,
+            {
+                "object": "list",
+                "model": body["model"],
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": encoded}
+                    for i in range(len(inputs))
+                ],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
+
+    # ------------------------------------------------------------------ Anthropic
+
+    def _anthropic(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        prompt = self._prompt(body)
+        cached = min(self.cached, prompt)
+        cache_write = min(self.cache_write, prompt - cached)
+        words = self._completion_words()
+        bill = self._bill(
+            Bill(
+                endpoint="anthropic.messages",
+                model=body["model"],
+                prompt=prompt,
+                completion=len(words),
+                cached=cached,
+                cache_write=cache_write,
+            )
+        )
+        usage = {
+            "input_tokens": prompt - cached - cache_write,  # Anthropic leaves the cache out
+            "output_tokens": bill.completion,
+            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": cache_write,
+        }
+        message = {
+            "id": "msg_test",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+        }
+        if not body.get("stream"):
+            _json(
+                handler,
+                {**message, "content": [{"type": "text", "text": self.reply}], "usage": usage},
+            )
+            return
+
+        def events() -> Iterator[tuple[str, dict[str, Any]]]:
+            start_usage = {**usage, "output_tokens": 1}
+            yield (
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        **message,
+                        "content": [],
+                        "stop_reason": None,
+                        "usage": start_usage,
+                    },
+                },
+            )
+            yield (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+            for word in words:
+                yield (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": word},
+                    },
+                )
+            yield "content_block_stop", {"type": "content_block_stop", "index": 0}
+            yield (
+                "message_delta",
+                {  # Anthropic's message_delta usage is cumulative
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": usage,
+                },
+            )
+            yield "message_stop", {"type": "message_stop"}
+
+        _sse(handler, events(), done=False)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(_text(part.get("text")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _json(handler: BaseHTTPRequestHandler, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    handler.send_response(200)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def _sse(
+    handler: BaseHTTPRequestHandler,
+    events: Iterator[tuple[str | None, dict[str, Any]]],
+    *,
+    done: bool,
+) -> None:
+    handler.send_response(200)
+    handler.send_header("content-type", "text/event-stream")
+    handler.send_header("cache-control", "no-cache")
+    handler.end_headers()
+    for name, payload in events:
+        prefix = f"event: {name}\n" if name else ""
+        handler.wfile.write(f"{prefix}data: {json.dumps(payload)}\n\n".encode())
+        handler.wfile.flush()
+    if done:
+        handler.wfile.write(b"data: [DONE]\n\n")
+    handler.wfile.flush()
+    handler.close_connection = True
