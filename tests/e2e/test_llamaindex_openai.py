@@ -1,0 +1,128 @@
+"""Real llama-index-llms-openai and llama-index-embeddings-openai against the loopback
+provider: recorded usage equals the bill; LlamaIndex's own counter re-estimates."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+from llama_index.core.llms import ChatMessage
+from llama_index.embeddings.openai import OpenAIEmbedding
+from llama_index.llms.openai import OpenAI
+
+from tests.e2e.provider_server import ProviderServer
+from usage_callbacks import Budget, BudgetExceededError, UsageTracker
+from usage_callbacks.llamaindex import UsageCallbackHandler, instrument
+
+MESSAGES = [ChatMessage(role="user", content="What is the capital of France? One sentence.")]
+INCLUDE_USAGE = {"stream_options": {"include_usage": True}}
+
+
+def _llm(
+    server: ProviderServer, manager: CallbackManager | None = None, **kwargs: object
+) -> OpenAI:
+    return OpenAI(
+        model="gpt-4o-mini",
+        api_base=f"{server.base_url}/v1",
+        api_key="test",
+        callback_manager=manager or CallbackManager([]),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _parts(tracker: UsageTracker) -> list[tuple[int, int, int, int]]:
+    return [
+        (r.prompt_tokens, r.completion_tokens, r.cache_read_tokens, r.reasoning_tokens)
+        for r in tracker.records()
+    ]
+
+
+def _billed(server: ProviderServer) -> list[tuple[int, int, int, int]]:
+    return [(b.prompt, b.completion, b.cached, b.reasoning) for b in server.billed]
+
+
+def test_chat_complete_and_streams_equal_the_bill(
+    server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    server.cached, server.reasoning = 16, 3
+    manager = CallbackManager([UsageCallbackHandler(memory_tracker)])
+    llm = _llm(server, manager, additional_kwargs=INCLUDE_USAGE)
+    llm.chat(MESSAGES)
+    llm.complete("What is the capital of France?")
+    assert "".join(r.delta or "" for r in llm.stream_chat(MESSAGES))
+
+    async def run_async() -> None:
+        await llm.achat(MESSAGES)
+        async for _ in await llm.astream_chat(MESSAGES):
+            pass
+
+    asyncio.run(run_async())
+    assert len(server.billed) == 5
+    assert _parts(memory_tracker) == _billed(server)
+    assert all(
+        not r.estimated and r.model.startswith("gpt-4o-mini") for r in memory_tracker.records()
+    )
+
+
+def test_a_stream_without_include_usage_is_estimated(
+    server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    llm = _llm(server, CallbackManager([UsageCallbackHandler(memory_tracker)]))
+    list(llm.stream_chat(MESSAGES))
+    [record] = memory_tracker.records()
+    assert record.estimated and record.completion_tokens > 0
+
+
+def test_embeddings_equal_the_bill(server: ProviderServer, memory_tracker: UsageTracker) -> None:
+    embed = OpenAIEmbedding(
+        model="text-embedding-3-small",
+        api_base=f"{server.base_url}/v1",
+        api_key="test",
+        callback_manager=CallbackManager([UsageCallbackHandler(memory_tracker)]),
+    )
+    embed.get_text_embedding_batch(["Paris is in France.", "Berlin is in Germany."])
+    embed.get_query_embedding("Where is Paris?")
+    assert [r.embedding_tokens for r in memory_tracker.records()] == [
+        b.embedding for b in server.billed
+    ]
+
+
+def test_instrumentation_alone_reads_the_same_usage(
+    server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    server.cached = 8
+    handle = instrument(memory_tracker)
+    try:
+        _llm(server).chat(MESSAGES)
+    finally:
+        handle.detach()
+    assert _parts(memory_tracker) == _billed(server)
+
+
+def test_what_token_counting_handler_misses(
+    server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    """llama-index-core 0.14's TokenCountingHandler reads OpenAI's prompt and completion
+    totals too; it has no cached or reasoning breakdown, so it cannot price a call."""
+    server.cached, server.reasoning = 16, 5
+    theirs = TokenCountingHandler()
+    manager = CallbackManager([UsageCallbackHandler(memory_tracker), theirs])
+    llm = _llm(server, manager)
+    llm.chat(MESSAGES)
+    llm.chat(MESSAGES)
+    ours = memory_tracker.summary().usage
+    assert ours.prompt_tokens == sum(b.prompt for b in server.billed)
+    assert (ours.cache_read_tokens, ours.reasoning_tokens) == (32, 10)
+    assert ours.cost_estimate_usd > 0
+    assert theirs.prompt_llm_token_count == ours.prompt_tokens
+    assert not any(hasattr(event, "cached_tokens") for event in theirs.llm_token_counts)
+
+
+def test_budget_refusal_never_reaches_the_server(server: ProviderServer) -> None:
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=100)]) as tracker:
+        llm = _llm(server, CallbackManager([UsageCallbackHandler(tracker)]), max_tokens=40)
+        with pytest.raises(BudgetExceededError):
+            for _ in range(10):
+                llm.chat(MESSAGES)
+        assert server.requests == len(tracker.records()) == 2
