@@ -1,0 +1,187 @@
+"""Exporters: OpenTelemetry metrics (in-memory reader and a real Prometheus scrape), log line."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.request
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.llms import MockLLM
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from usage_callbacks import ModelPrice, TokenUsage, UsageTracker
+from usage_callbacks.exporters.otel import OTelExporter
+from usage_callbacks.langchain import UsageCallbackHandler as LangChainHandler
+from usage_callbacks.llamaindex import UsageCallbackHandler as LlamaIndexHandler
+
+PRICES = {"m": ModelPrice(input_per_mtok=Decimal(1), output_per_mtok=Decimal(2))}
+
+
+@pytest.fixture
+def reader() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+def tracker(reader: InMemoryMetricReader) -> Iterator[UsageTracker]:
+    exporter = OTelExporter(MeterProvider(metric_readers=[reader]))
+    with UsageTracker("memory://", exporters=[exporter], prices=PRICES) as tracker:
+        yield tracker
+
+
+def _points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    data = reader.get_metrics_data()
+    found: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                found.setdefault(metric.name, []).extend(metric.data.data_points)
+    return found
+
+
+def _by(points: list[Any], **attributes: str) -> Any:
+    [point] = [p for p in points if all(p.attributes.get(k) == v for k, v in attributes.items())]
+    return point
+
+
+def test_known_sequence_gives_exact_metrics(
+    tracker: UsageTracker, reader: InMemoryMetricReader
+) -> None:
+    tracker.record(
+        TokenUsage(prompt_tokens=100, completion_tokens=20), model="m", provider="p", latency_ms=500
+    )
+    tracker.record(
+        TokenUsage(prompt_tokens=50, completion_tokens=5), model="m", provider="p", latency_ms=1500
+    )
+    tracker.record(TokenUsage(embedding_tokens=30), model="m", provider="p", call_type="embedding")
+    tracker.record(
+        TokenUsage(), model="m", provider="p", status="error", error_type="Timeout", latency_ms=250
+    )
+    points = _points(reader)
+    usage = points["gen_ai.client.token.usage"]
+    chat_in = _by(usage, **{"gen_ai.operation.name": "chat", "gen_ai.token.type": "input"})
+    assert (chat_in.count, chat_in.sum) == (2, 150)
+    chat_out = _by(usage, **{"gen_ai.operation.name": "chat", "gen_ai.token.type": "output"})
+    assert (chat_out.count, chat_out.sum) == (2, 25)
+    embed_in = _by(usage, **{"gen_ai.operation.name": "embeddings", "gen_ai.token.type": "input"})
+    assert (embed_in.count, embed_in.sum) == (1, 30)
+    assert chat_in.attributes["gen_ai.provider.name"] == "p"
+    assert chat_in.attributes["gen_ai.request.model"] == "m"
+    durations = points["gen_ai.client.operation.duration"]
+    ok = [p for p in durations if "error.type" not in p.attributes]
+    assert sum(p.count for p in ok) == 2 and sum(p.sum for p in ok) == pytest.approx(2.0)
+    assert _by(durations, **{"error.type": "Timeout"}).sum == pytest.approx(0.25)
+    assert _by(points["llm.request.tokens.prompt"], **{"llm.call_type": "chat"}).value == 150
+    assert _by(points["llm.request.tokens.completion"], **{"llm.call_type": "chat"}).value == 25
+    assert _by(points["llm.request.tokens.total"], **{"llm.call_type": "chat"}).value == 175
+    assert _by(points["llm.request.tokens.embedding"], **{"llm.call_type": "embedding"}).value == 30
+    cost = sum(p.value for p in points["llm.request.cost"])
+    assert cost == pytest.approx(float(sum(r.cost_estimate_usd for r in tracker.records())))
+    assert all("user.id" not in p.attributes for series in points.values() for p in series)
+
+
+def test_user_ids_only_on_request(reader: InMemoryMetricReader) -> None:
+    exporter = OTelExporter(MeterProvider(metric_readers=[reader]), include_user_id=True)
+    with UsageTracker("memory://", exporters=[exporter]) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=1), model="m", user_id="alice")
+    points = _points(reader)["llm.request.tokens.prompt"]
+    assert points[0].attributes["user.id"] == "alice"
+
+
+def test_both_frameworks_through_one_exporter(
+    tracker: UsageTracker, reader: InMemoryMetricReader
+) -> None:
+    reply = AIMessage(
+        content="hi",
+        response_metadata={"model_name": "m"},
+        usage_metadata={"input_tokens": 40, "output_tokens": 4, "total_tokens": 44},
+    )
+    chat = GenericFakeChatModel(messages=iter([reply, reply]))
+    for _ in range(2):
+        chat.invoke("hello", config={"callbacks": [LangChainHandler(tracker)]})
+    MockLLM(max_tokens=3, callback_manager=CallbackManager([LlamaIndexHandler(tracker)])).complete(
+        "one two"
+    )
+    records = tracker.records()
+    points = _points(reader)
+    chat_total = _by(points["llm.request.tokens.total"], **{"llm.call_type": "chat"}).value
+    completion_total = _by(points["llm.request.tokens.total"], **{"llm.call_type": "completion"})
+    assert chat_total == 88
+    assert completion_total.value == records[-1].total_tokens
+    assert sum(p.value for p in points["llm.request.tokens.total"]) == sum(
+        r.total_tokens for r in records
+    )
+
+
+def test_exporter_failures_do_not_lose_the_record(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def export(self, record: Any) -> None:
+            raise RuntimeError("collector down")
+
+    with caplog.at_level(logging.WARNING), UsageTracker("memory://", exporters=[Broken()]) as t:
+        t.record(TokenUsage(prompt_tokens=1), model="m")
+        assert len(t.records()) == 1
+    assert "exporter" in caplog.text
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_prometheus_endpoint_serves_the_series() -> None:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import start_http_server
+
+    port = _free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1")
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+    try:
+        exporter = OTelExporter(provider)
+        with UsageTracker("memory://", exporters=[exporter], prices=PRICES) as tracker:
+            tracker.record(
+                TokenUsage(prompt_tokens=1200, completion_tokens=300), model="m", provider="p"
+            )
+            tracker.record(
+                TokenUsage(prompt_tokens=800, completion_tokens=100), model="m", provider="p"
+            )
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
+    finally:
+        server.shutdown()
+        provider.shutdown()  # unregisters the collector from prometheus_client's registry
+    lines = {
+        line.split(" ")[0]: line.split(" ")[1]
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+    prompt = [
+        v for k, v in lines.items() if k.startswith("llm_request_tokens_prompt") and "_total{" in k
+    ]
+    assert [float(v) for v in prompt] == [2000.0]
+    completion = [
+        v
+        for k, v in lines.items()
+        if k.startswith("llm_request_tokens_completion") and "_total{" in k
+    ]
+    assert [float(v) for v in completion] == [400.0]
+    cost = [v for k, v in lines.items() if k.startswith("llm_request_cost") and "_total{" in k]
+    assert float(cost[0]) == pytest.approx(0.0028)
+    assert any(k.startswith("gen_ai_client_token_usage") and "_count{" in k for k in lines)
+    assert 'llm_model_name="m"' in body and 'gen_ai_token_type="input"' in body
+
+
+def test_the_log_line_is_off_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="usage_callbacks"), UsageTracker("memory://") as t:
+        t.record(TokenUsage(prompt_tokens=1234, completion_tokens=567), model="gpt-4o-mini")
+    assert not any(m.startswith("Token usage:") for m in caplog.messages)
