@@ -143,7 +143,7 @@ def test_prometheus_endpoint_serves_the_series() -> None:
     from prometheus_client import start_http_server
 
     port = _free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1")
+    server, _thread = start_http_server(port, addr="127.0.0.1")
     provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
     try:
         exporter = OTelExporter(provider)
