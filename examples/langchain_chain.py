@@ -52,12 +52,12 @@ def main() -> None:
             ("ana", "Can I export my data?"),
         ]:
             handler = UsageCallbackHandler(tracker, user_id=user, tags=["support-bot"])
-            print(
-                f"{user}: {question} -> {chain.invoke({'question': question}, config={'callbacks': [handler]})}"
-            )
+            reply = chain.invoke({"question": question}, config={"callbacks": [handler]})
+            print(f"{user}: {question} -> {reply}")
         for group in tracker.summary(group_by="user").groups:
+            usage = group.usage
             print(
-                f"{group.key}: {group.calls} calls, {group.usage.total_tokens} tokens, ${group.usage.cost_estimate_usd:.6f}"
+                f"{group.key}: {group.calls} calls, {usage.total_tokens} tokens, ${usage.cost_estimate_usd:.6f}"
             )
 
 

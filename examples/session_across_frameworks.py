@@ -32,9 +32,8 @@ def main() -> None:
         Settings.llm.chat([ChatMessage(role="user", content=f"Review: {draft.content}")])
     print(f"session {session.session_id}: {session.calls} calls")
     for model, usage in session.by_model.items():
-        print(
-            f"  {model}: {usage.prompt_tokens} in, {usage.completion_tokens} out, ${usage.cost_estimate_usd:.6f}"
-        )
+        cost = usage.cost_estimate_usd
+        print(f"  {model}: {usage.prompt_tokens} in, {usage.completion_tokens} out, ${cost:.6f}")
     print(f"  total: {session.usage.total_tokens} tokens, ${session.usage.cost_estimate_usd:.6f}")
 
 
