@@ -55,10 +55,8 @@ def main() -> None:
             reply = chain.invoke({"question": question}, config={"callbacks": [handler]})
             print(f"{user}: {question} -> {reply}")
         for group in tracker.summary(group_by="user").groups:
-            usage = group.usage
-            print(
-                f"{group.key}: {group.calls} calls, {usage.total_tokens} tokens, ${usage.cost_estimate_usd:.6f}"
-            )
+            tokens, cost = group.usage.total_tokens, group.usage.cost_estimate_usd
+            print(f"{group.key}: {group.calls} calls, {tokens} tokens, ${cost:.6f}")
 
 
 if __name__ == "__main__":
