@@ -109,10 +109,8 @@ def count_text_tokens(text: str, model: str | None = None) -> int:
 def count_texts_tokens(texts: Iterable[str], model: str | None = None) -> int:
     """Tokens over many texts, as an embedding request of those chunks is billed."""
     encoding = encoding_for_model(model)
-    batch = [text for text in texts if text]
-    if not batch:
-        return 0
-    return sum(len(ids) for ids in encoding.encode_batch(batch, disallowed_special=()))
+    # not encode_batch: it starts a thread pool per call, ~0.5 ms on the hot path
+    return sum(len(encoding.encode(text, disallowed_special=())) for text in texts if text)
 
 
 def message_text(content: Any) -> str:
