@@ -106,7 +106,7 @@ def test_postgresql_outage_mid_run_loses_nothing(pg_url: str, tmp_path: Path) ->
 
 
 SOAKER = r"""
-import resource, sys, threading
+import sys, threading
 from usage_callbacks import TokenUsage, UsageTracker
 url, per_thread = sys.argv[1], int(sys.argv[2])
 tracker = UsageTracker(url)
@@ -114,8 +114,10 @@ usage = TokenUsage(prompt_tokens=7, completion_tokens=3)
 def work(index):
     for _ in range(per_thread):
         tracker.record(usage, model="gpt-4o-mini", user_id=f"user-{index}")
-def rss_kb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss_kb():  # VmHWM: this process's own peak (ru_maxrss survives exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
 tracker.record(usage, model="warmup"); tracker.flush(); start = rss_kb()
 [t.start() for t in threads]; [t.join() for t in threads]

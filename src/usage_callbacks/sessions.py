@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from decimal import Decimal
 from types import TracebackType
@@ -198,7 +198,28 @@ class UsageSession:
         )
 
 
-def iter_sessions_of(tracker: UsageTracker) -> Iterator[UsageSession]:
-    for session in _active.get():
-        if session.tracker is tracker:
-            yield session
+class SessionRoutes:
+    """For a handler that sessions inject: which trackers serve each call, start to end.
+
+    The trackers are those of the sessions open where the call starts; its end may come
+    from another context (a stream consumed elsewhere), so they are remembered by key.
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, tuple[UsageTracker, ...]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, key: str) -> tuple[UsageTracker, ...]:
+        trackers = tuple(dict.fromkeys(session.tracker for session in _active.get()))
+        if trackers:
+            with self._lock:
+                self._routes[key] = trackers
+        return trackers
+
+    def get(self, key: str) -> tuple[UsageTracker, ...]:
+        with self._lock:
+            return self._routes.get(key, ())
+
+    def finish(self, key: str) -> tuple[UsageTracker, ...]:
+        with self._lock:
+            return self._routes.pop(key, ())

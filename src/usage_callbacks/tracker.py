@@ -23,7 +23,7 @@ from usage_callbacks.budgets import (
     CallScope,
 )
 from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
-from usage_callbacks.runs import RunRegistry
+from usage_callbacks.runs import RunRegistry, RunState
 from usage_callbacks.sessions import UsageSession, active_sessions
 from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
@@ -323,6 +323,36 @@ class UsageTracker:
             except Exception:
                 logger.warning("exporter %r failed", exporter, exc_info=True)
         return record
+
+    def record_run(
+        self,
+        state: RunState,
+        usage: TokenUsage,
+        *,
+        model: str | None = None,
+        error: BaseException | None = None,
+        cache_hit: bool = False,
+    ) -> UsageRecord:
+        """Record a call an adapter followed from its start event to its end."""
+        return self.record(
+            usage,
+            model=model or state.model,
+            provider=state.provider,
+            call_type=state.call_type,
+            framework=state.framework,
+            user_id=state.user_id,
+            session_id=state.session_id,
+            run_id=state.run_id or None,
+            parent_run_id=state.parent_run_id,
+            tags=state.tags,
+            status="ok" if error is None else "error",
+            error_type=None if error is None else type(error).__name__,
+            started_at=state.started_at,
+            latency_ms=state.latency_ms(),
+            cache_hit=cache_hit,
+            sessions=state.sessions,
+            reservation=state.reservation,
+        )
 
     def _settle(
         self, record: UsageRecord, sessions: Sequence[UsageSession], reservation: Reservation | None

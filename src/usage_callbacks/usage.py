@@ -94,10 +94,6 @@ class TokenUsage(BaseModel):
         """The same counts at another price."""
         return self.model_copy(update={"cost_estimate_usd": cost_usd})
 
-    @classmethod
-    def zero(cls) -> TokenUsage:
-        return _ZERO
-
 
 _SUMMED_FIELDS = (
     "prompt_tokens",
@@ -108,7 +104,6 @@ _SUMMED_FIELDS = (
     "reasoning_tokens",
     "cost_estimate_usd",
 )
-_ZERO = TokenUsage()
 
 
 # --------------------------------------------------------------------------- normalizers

@@ -18,7 +18,6 @@ Notes for users:
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -33,7 +32,7 @@ from langchain_core.tracers.context import register_configure_hook
 
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.runs import RunState
-from usage_callbacks.sessions import active_sessions, register_session_hook
+from usage_callbacks.sessions import SessionRoutes, active_sessions, register_session_hook
 from usage_callbacks.store.models import utcnow
 from usage_callbacks.tokens import (
     count_message_tokens,
@@ -223,23 +222,17 @@ class _SessionHandler(UsageCallbackHandler):
         self.user_id = None
         self.session_id = None
         self.tags = []
-        self._runs: dict[str, tuple[UsageTracker, ...]] = {}
-        self._lock = threading.Lock()
+        self._routes = SessionRoutes()
 
     def _start_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
-        trackers = tuple(dict.fromkeys(session.tracker for session in active_sessions()))
-        with self._lock:
-            self._runs[run_id] = trackers
-        return trackers
+        return self._routes.start(run_id)
 
     def _end_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
-        with self._lock:
-            return self._runs.get(run_id, ())
+        return self._routes.get(run_id)
 
     def _end(self, run_id: str, response: LLMResult | None, error: BaseException | None) -> None:
         super()._end(run_id, response, error)
-        with self._lock:
-            self._runs.pop(run_id, None)
+        self._routes.finish(run_id)
 
 
 _session_handler = _SessionHandler()
@@ -392,25 +385,7 @@ def _record(
     ):
         usage = _estimate(state, response)
     model = _response_model(response) or state.model or UNKNOWN_MODEL
-    tracker.record(
-        usage or TokenUsage(),
-        model=model,
-        provider=state.provider,
-        call_type=state.call_type,
-        framework="langchain",
-        user_id=state.user_id,
-        session_id=state.session_id,
-        run_id=state.run_id,
-        parent_run_id=state.parent_run_id,
-        tags=state.tags,
-        status="ok" if error is None else "error",
-        error_type=None if error is None else type(error).__name__,
-        started_at=state.started_at,
-        latency_ms=state.latency_ms(),
-        cache_hit=cache_hit,
-        sessions=state.sessions,
-        reservation=state.reservation,
-    )
+    tracker.record_run(state, usage or TokenUsage(), model=model, error=error, cache_hit=cache_hit)
 
 
 # -------------------------------------------------------------------- embeddings
@@ -521,22 +496,8 @@ class TrackedEmbeddings(Embeddings):
             return
         try:
             billed = state.prompt_estimate if error is None else None
-            self.tracker.record(
-                billed or TokenUsage(),
-                model=self.model or UNKNOWN_MODEL,
-                provider=self.provider,
-                call_type="embedding",
-                framework="langchain",
-                user_id=self.user_id,
-                session_id=self.session_id,
-                tags=self.tags,
-                status="ok" if error is None else "error",
-                error_type=None if error is None else type(error).__name__,
-                started_at=state.started_at,
-                latency_ms=state.latency_ms(),
-                sessions=state.sessions,
-                reservation=state.reservation,
-            )
+            state.model = self.model or UNKNOWN_MODEL
+            self.tracker.record_run(state, billed or TokenUsage(), error=error)
         except Exception:
             logger.warning("usage tracking failed after an embedding call", exc_info=True)
 

@@ -56,7 +56,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.runs import RunState
-from usage_callbacks.sessions import active_sessions, register_session_hook
+from usage_callbacks.sessions import SessionRoutes, active_sessions, register_session_hook
 from usage_callbacks.store.models import utcnow
 from usage_callbacks.tokens import count_message_tokens, count_texts_tokens, message_text
 from usage_callbacks.tracker import UsageTracker
@@ -293,24 +293,7 @@ def _finish_run(
         usage = build_usage(embedding=count_texts_tokens(texts, model), estimated=True)
     else:
         usage = _reported_usage(response) or _estimate(state, response, streamed, error)
-    tracker.record(
-        usage,
-        model=model,
-        provider=state.provider,
-        call_type=state.call_type,
-        framework="llamaindex",
-        user_id=state.user_id,
-        session_id=state.session_id,
-        run_id=state.run_id,
-        parent_run_id=state.parent_run_id,
-        tags=state.tags,
-        status="ok" if error is None else "error",
-        error_type=None if error is None else type(error).__name__,
-        started_at=state.started_at,
-        latency_ms=state.latency_ms(),
-        sessions=state.sessions,
-        reservation=state.reservation,
-    )
+    tracker.record_run(state, usage, model=model, error=error)
 
 
 def _estimate(
@@ -477,16 +460,10 @@ class _SessionCallbackHandler(UsageCallbackHandler):
         self._nested = set()
         self._opened = {}
         self._lock = threading.Lock()
-        self._routes: dict[str, tuple[UsageTracker, ...]] = {}
+        self._routes = SessionRoutes()
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
-        with self._lock:
-            if not starting:
-                return self._routes.pop(key, ())
-            trackers = tuple(dict.fromkeys(s.tracker for s in active_sessions()))
-            if trackers:
-                self._routes[key] = trackers
-            return trackers
+        return self._routes.start(key) if starting else self._routes.finish(key)
 
 
 # -------------------------------------------------------------------- instrumentation
@@ -597,16 +574,10 @@ class UsageEventHandler(BaseEventHandler):
 class _SessionEventHandler(UsageEventHandler):
     """On the root dispatcher while sessions exist; serves the trackers of open sessions."""
 
-    _routes: dict[str, tuple[UsageTracker, ...]] = PrivateAttr(default_factory=dict)
+    _routes: SessionRoutes = PrivateAttr(default_factory=SessionRoutes)
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
-        with self._lock:
-            if not starting:
-                return self._routes.pop(key, ())
-            trackers = tuple(dict.fromkeys(s.tracker for s in active_sessions()))
-            if trackers:
-                self._routes[key] = trackers
-            return trackers
+        return self._routes.start(key) if starting else self._routes.finish(key)
 
     def _start(self, event: BaseEvent, span: str) -> None:
         if active_sessions():

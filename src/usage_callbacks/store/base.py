@@ -65,10 +65,6 @@ class UsageSummary(BaseModel):
     period_end: datetime | None = None
     groups: list[GroupSummary] = Field(default_factory=list)
 
-    @property
-    def totals(self) -> TokenUsage:
-        return self.usage
-
 
 class DailyUsage(BaseModel):
     day: str

@@ -154,6 +154,7 @@ class UsageRecord(SQLModel, table=True):
         return record
 
 
+#: The TokenUsage columns: token counts, then cost, then the estimated flag.
 USAGE_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",

@@ -27,6 +27,7 @@ from usage_callbacks.store.ledger import BudgetLedger
 from usage_callbacks.store.models import (
     RECORD_COLUMNS,
     SCHEMA_VERSION,
+    USAGE_COLUMNS,
     SchemaInfo,
     UsageRecord,
     pico_to_usd,
@@ -390,16 +391,7 @@ class SqlStore:
 
 
 #: Summed per group; cost last (it is summed as integer pico-USD).
-_SUMMED = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "embedding_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_estimate_usd",
-)
+_SUMMED = USAGE_COLUMNS[: USAGE_COLUMNS.index("cost_estimate_usd") + 1]
 
 
 def _token_stats(histogram: list[tuple[int, int]], calls: int, total: int) -> TokenStats:
