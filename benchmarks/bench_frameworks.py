@@ -56,6 +56,7 @@ def bench_langchain(workdir: Path) -> list[Row]:
     from langchain_core.callbacks import UsageMetadataCallbackHandler
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage
+
     from usage_callbacks.langchain import UsageCallbackHandler
 
     reply = AIMessage(
@@ -113,6 +114,7 @@ def bench_llamaindex(workdir: Path) -> list[Row]:
     from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
     from llama_index.core.embeddings import MockEmbedding
     from llama_index.core.llms import ChatMessage, MockLLM
+
     from usage_callbacks.llamaindex import UsageCallbackHandler
 
     messages = [ChatMessage(role="user", content="Summarise the quarterly report in one line.")]
