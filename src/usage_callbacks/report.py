@@ -147,7 +147,7 @@ def _spend_chart(daily: list[DailyUsage], width: int = 760, height: int = 300) -
     ]
     for index, day in enumerate(days):
         x = left + index * step + (step - bar) / 2
-        y = top + plot_h
+        y = float(top + plot_h)
         for model_index, model in enumerate(models):
             cost = spend[day].get(model, Decimal(0))
             if not cost:

@@ -187,7 +187,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
 
     # ---------------------------------------------------------------- stream
 
-    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_new_token(
+        self, token: str | list[str | dict[str, Any]], *, run_id: UUID, **kwargs: Any
+    ) -> None:
         try:
             for tracker in self._end_trackers(str(run_id)):
                 state = tracker.runs.get(str(run_id))

@@ -60,7 +60,7 @@ class BudgetHold(SQLModel, table=True):
 class BudgetDefinition(SQLModel, table=True):
     """A tracker's budget as configured in code, so the CLI can show headroom."""
 
-    __tablename__: ClassVar[str] = "budget_definitions"  # type: ignore[misc]
+    __tablename__: ClassVar[str] = "budget_definitions"
 
     budget: str = Field(primary_key=True, max_length=256)
     limit_pico: int | None = Field(default=None, sa_type=sa.BigInteger)
@@ -88,8 +88,8 @@ class BudgetDefinition(SQLModel, table=True):
         return Budget(
             limit_usd=None if self.limit_pico is None else pico_to_usd(self.limit_pico),
             limit_tokens=self.limit_tokens,
-            per=self.per,  # type: ignore[arg-type]
-            period=period,  # type: ignore[arg-type]
+            per=self.per,
+            period=period,
             name=self.budget,
         )
 
@@ -377,7 +377,7 @@ class BudgetLedger:
         """Every registered budget, for every key with spend or holds this period."""
         with self._guard, self.engine.connect() as connection:
             rows = connection.execute(sa.select(_definitions)).mappings().all()
-        charges = []
+        charges: list[Charge] = []
         for row in rows:
             budget = BudgetDefinition(**row).to_budget()
             # a budget nobody spent from this period still shows, with all its headroom

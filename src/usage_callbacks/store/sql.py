@@ -250,11 +250,7 @@ class SqlStore:
                 DailyUsage(
                     day=str(row["group_key"]),
                     model=row["model"] or "unknown",
-                    usage=TokenUsage.model_construct(
-                        **{name: int(row[name] or 0) for name in _SUMMED[:-1]},
-                        cost_estimate_usd=pico_to_usd(row["pico"]),
-                        estimated=False,
-                    ),
+                    usage=_summed_usage(row, "pico", estimated=False),
                 )
                 for row in connection.execute(query).mappings()
             ]
@@ -368,12 +364,7 @@ class SqlStore:
 
     @staticmethod
     def _group_summary(row: Any, histogram: list[tuple[int, int]]) -> GroupSummary:
-        values: dict[str, Any] = {name: int(row[name] or 0) for name in _SUMMED[:-1]}
-        usage = TokenUsage.model_construct(
-            **values,
-            cost_estimate_usd=pico_to_usd(row["cost_estimate_usd"]),
-            estimated=bool(row["any_estimated"]),
-        )
+        usage = _summed_usage(row, "cost_estimate_usd", estimated=bool(row["any_estimated"]))
         key = row["group_key"]
         calls = int(row["calls"])
         return GroupSummary(
@@ -381,7 +372,7 @@ class SqlStore:
             usage=usage,
             calls=calls,
             errors=int(row["errors"] or 0),
-            stats=_token_stats(histogram, calls, values["total_tokens"]),
+            stats=_token_stats(histogram, calls, usage.total),
             first_call=_aware(row["first_call"]),
             last_call=_aware(row["last_call"]),
         )
@@ -392,6 +383,14 @@ class SqlStore:
 
 #: Summed per group; cost last (it is summed as integer pico-USD).
 _SUMMED = USAGE_COLUMNS[: USAGE_COLUMNS.index("cost_estimate_usd") + 1]
+
+
+def _summed_usage(row: Any, pico_column: str, *, estimated: bool) -> TokenUsage:
+    """A TokenUsage from a row of SQL sums (integer pico-USD for the cost)."""
+    counts: dict[str, Any] = {name: int(row[name] or 0) for name in _SUMMED[:-1]}
+    return TokenUsage.model_construct(
+        **counts, cost_estimate_usd=pico_to_usd(row[pico_column]), estimated=estimated
+    )
 
 
 def _token_stats(histogram: list[tuple[int, int]], calls: int, total: int) -> TokenStats:
