@@ -288,3 +288,34 @@ def test_tracking_failures_never_break_the_call(
     monkeypatch.setattr(memory_tracker, "record", broken)
     llm = BilledLLM(callback_manager=_manager(memory_tracker))
     assert llm.complete("hi").text == "Revenue grew."
+
+
+def test_a_call_that_never_ended_does_not_hide_later_ones(memory_tracker: UsageTracker) -> None:
+    from llama_index.core.callbacks import CBEventType, EventPayload
+
+    handler = UsageCallbackHandler(memory_tracker)
+    llm = BilledLLM(callback_manager=CallbackManager([handler]))
+    payload = {EventPayload.SERIALIZED: llm.to_payload(), EventPayload.PROMPT: "lost"}
+    handler.on_event_start(CBEventType.LLM, payload, event_id="orphan")  # its end never comes
+    handler._opened.pop("orphan")  # as if the abandoned stream's state was dropped
+    llm.complete("hello")
+    assert [r.total_tokens for r in memory_tracker.records()] == [49]
+
+
+def test_an_explicit_handler_and_a_session_on_one_manager(memory_tracker: UsageTracker) -> None:
+    Settings.llm = BilledLLM()
+    try:
+        llm = Settings.llm
+        with memory_tracker.session("s") as session:
+            Settings.callback_manager.add_handler(
+                UsageCallbackHandler(memory_tracker, user_id="dee")
+            )
+            llm.complete("hello")
+        assert session.calls == 1
+        [record] = memory_tracker.records()
+        assert (record.user_id, record.session_id, record.total_tokens) == ("dee", "s", 49)
+    finally:
+        Settings.callback_manager.handlers = [
+            h for h in Settings.callback_manager.handlers if type(h) is not UsageCallbackHandler
+        ]
+        Settings.llm = None  # type: ignore[assignment]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -100,10 +100,11 @@ class _RecentSet:
 
 
 _counted_spans = _RecentSet()
-# Open calls in this context by model identity, one record per event system: a
+# Calls open in this context as (model identity, key), one record per event system: a
 # CustomLLM's chat -> complete nests, and the dispatcher's start event precedes the
-# CallbackManager's for the same call.
-_OpenCalls = ContextVar[tuple[str, ...]]
+# CallbackManager's for the same call. A pair counts only while its handler still has
+# the call open, so a stream dropped without an end event cannot mask later calls.
+_OpenCalls = ContextVar[tuple[tuple[str, str], ...]]
 _open_callback_calls: _OpenCalls = ContextVar("usage_callbacks_li_cb_open", default=())
 _open_event_calls: _OpenCalls = ContextVar("usage_callbacks_li_ev_open", default=())
 # Latest streamed text per span, for streams that end in an exception.
@@ -111,19 +112,19 @@ _streamed: OrderedDict[str, str] = OrderedDict()
 _streamed_lock = threading.Lock()
 
 
-def _open_call(open_calls: _OpenCalls, identity: str) -> bool:
-    """Mark a call open; False when one of the same model is open already (nested)."""
-    if identity in open_calls.get():
+def _open_call(
+    open_calls: _OpenCalls, identity: str, key: str, still_open: Callable[[str], bool]
+) -> bool:
+    """Mark a call open; False when a call of the same model is open already (nested)."""
+    live = tuple(pair for pair in open_calls.get() if still_open(pair[1]))
+    if any(open_identity == identity for open_identity, _ in live):
         return False
-    open_calls.set((*open_calls.get(), identity))
+    open_calls.set((*live, (identity, key)))
     return True
 
 
-def _forget_open_call(open_calls: _OpenCalls, identity: str) -> None:
-    calls = list(open_calls.get())
-    if identity in calls:
-        calls.remove(identity)
-        open_calls.set(tuple(calls))
+def _forget_open_call(open_calls: _OpenCalls, key: str) -> None:
+    open_calls.set(tuple(pair for pair in open_calls.get() if pair[1] != key))
 
 
 def _remember_stream(span_id: str | None, text: str) -> None:
@@ -392,7 +393,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
         else:
             call_type, inputs = "completion", payload.get(EventPayload.PROMPT)
         identity = _model_identity(serialized)
-        if call_type != "embedding" and not _open_call(_open_callback_calls, identity):
+        if call_type != "embedding" and not _open_call(
+            _open_callback_calls, identity, event_id, self._opened.__contains__
+        ):
             with self._lock:
                 self._nested.add(event_id)  # chat -> complete inside one CustomLLM call
             return None
@@ -412,7 +415,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
         with self._lock:
             opened = self._opened.pop(event_id, None)
         if opened is not None and opened[0] != "embedding":
-            _forget_open_call(_open_callback_calls, opened[1])
+            _forget_open_call(_open_callback_calls, event_id)
         return opened
 
     def on_event_end(
@@ -518,7 +521,9 @@ class UsageEventHandler(BaseEventHandler):
             call_type, inputs = "chat", event.messages
         else:
             call_type, inputs = "completion", getattr(event, "prompt", "")
-        if call_type != "embedding" and not _open_call(_open_event_calls, _model_identity(payload)):
+        if call_type != "embedding" and not _open_call(
+            _open_event_calls, _model_identity(payload), span, self._calls.__contains__
+        ):
             with self._lock:
                 self._nested.add(span)
             return
@@ -561,7 +566,7 @@ class UsageEventHandler(BaseEventHandler):
         if call is None:
             return
         if call.call_type != "embedding":
-            _forget_open_call(_open_event_calls, _model_identity(call.payload))
+            _forget_open_call(_open_event_calls, span)
         for tracker in self._trackers(call.key, False):
             if (id(tracker), span) in _counted_spans:
                 tracker.runs.finish(call.key)  # a CallbackManager handler counted it
