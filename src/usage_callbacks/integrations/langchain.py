@@ -342,7 +342,8 @@ def _reported_usage(response: LLMResult | None) -> TokenUsage | None:
         if usage and usage not in distinct:
             distinct.append(dict(usage))
     if distinct:
-        return sum((usage_from_langchain(usage) for usage in distinct), TokenUsage())
+        first, *rest = (usage_from_langchain(usage) for usage in distinct)
+        return sum(rest, first)
     llm_output = (response.llm_output if response else None) or {}
     for key in ("token_usage", "usage"):
         found = normalize_usage(llm_output.get(key))
