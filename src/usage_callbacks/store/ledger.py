@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -99,6 +99,32 @@ _counters = BudgetCounter.__table__  # type: ignore[attr-defined]
 _holds = BudgetHold.__table__  # type: ignore[attr-defined]
 
 
+def _sum(column: Any) -> Any:
+    return sa.func.coalesce(sa.func.sum(column), 0)
+
+
+# Built once: constructing SQL expressions per call cost more than running them.
+_same_charge = (_counters.c.budget == sa.bindparam("budget")) & (
+    _counters.c.scope_key == sa.bindparam("key")
+)
+_spent = sa.select(_sum(_counters.c.spent_pico), _sum(_counters.c.spent_tokens)).where(
+    _same_charge,
+    _counters.c.bucket_start >= sa.bindparam("first"),
+    _counters.c.bucket_start < sa.bindparam("end"),
+)
+_held = sa.select(_sum(_holds.c.pico), _sum(_holds.c.tokens)).where(
+    _holds.c.budget == sa.bindparam("budget"),
+    _holds.c.scope_key == sa.bindparam("key"),
+    _holds.c.expires_at > sa.bindparam("now"),
+)
+_RELEASE = sa.delete(_holds).where(_holds.c.reservation_id == sa.bindparam("reservation"))
+_spent_rows = _spent.subquery()
+_held_rows = _held.subquery()
+_USED = sa.select(*_spent_rows.c, *_held_rows.c).select_from(
+    _spent_rows.join(_held_rows, sa.true())
+)
+
+
 @dataclass(frozen=True)
 class Charge:
     """One budget bucket a call spends from."""
@@ -162,6 +188,15 @@ class BudgetLedger:
         SQLModel.metadata.create_all(engine, tables=[_counters, _holds, _definitions])
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._insert = insert
+        self._hold = insert(_holds).on_conflict_do_nothing()
+        booking = insert(_counters)
+        self._book = booking.on_conflict_do_update(
+            index_elements=["budget", "scope_key", "bucket_start"],
+            set_={
+                "spent_pico": _counters.c.spent_pico + booking.excluded.spent_pico,
+                "spent_tokens": _counters.c.spent_tokens + booking.excluded.spent_tokens,
+            },
+        )
 
     def _begin(self, connection: Connection) -> None:
         """Start the transaction that owns the budget rows touched next."""
@@ -177,29 +212,17 @@ class BudgetLedger:
         self, connection: Connection, charge: Charge, now: datetime
     ) -> tuple[int, int, int, int]:
         """Spent pico, spent tokens, held pico, held tokens for one charge right now."""
-        label = charge.budget.label
-        spent = connection.execute(
-            sa.select(
-                sa.func.coalesce(sa.func.sum(_counters.c.spent_pico), 0),
-                sa.func.coalesce(sa.func.sum(_counters.c.spent_tokens), 0),
-            ).where(
-                _counters.c.budget == label,
-                _counters.c.scope_key == charge.key,
-                _counters.c.bucket_start >= _first_bucket(charge.budget, now),
-                _counters.c.bucket_start < charge.budget.window(now)[1] + timedelta(seconds=1),
-            )
+        row = connection.execute(
+            _USED,
+            {
+                "budget": charge.budget.label,
+                "key": charge.key,
+                "first": _first_bucket(charge.budget, now),
+                "end": charge.budget.window(now)[1] + timedelta(seconds=1),
+                "now": now,
+            },
         ).one()
-        held = connection.execute(
-            sa.select(
-                sa.func.coalesce(sa.func.sum(_holds.c.pico), 0),
-                sa.func.coalesce(sa.func.sum(_holds.c.tokens), 0),
-            ).where(
-                _holds.c.budget == label,
-                _holds.c.scope_key == charge.key,
-                _holds.c.expires_at > now,
-            )
-        ).one()
-        return int(spent[0]), int(spent[1]), int(held[0]), int(held[1])
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
     def reserve(
         self,
@@ -236,7 +259,7 @@ class BudgetLedger:
                     for charge in _unique(charges)
                 ]
                 if rows:
-                    connection.execute(self._insert(_holds).on_conflict_do_nothing(), rows)
+                    connection.execute(self._hold, rows)
         for error in warnings:
             logger.warning("budget exceeded (on_exceed='warn'): %s", error)
 
@@ -291,27 +314,19 @@ class BudgetLedger:
             with connection.begin():
                 self._lock(connection, charges)
                 if reservation_id is not None:
-                    connection.execute(
-                        sa.delete(_holds).where(_holds.c.reservation_id == reservation_id)
-                    )
+                    connection.execute(_RELEASE, {"reservation": reservation_id})
                 for charge in _unique(charges):
                     bucket = _bucket(charge.budget, now)
-                    upsert = self._insert(_counters).values(
-                        budget=charge.budget.label,
-                        scope_key=charge.key,
-                        bucket_start=bucket,
-                        spent_pico=pico,
-                        spent_tokens=tokens,
-                        warned=False,
-                    )
                     connection.execute(
-                        upsert.on_conflict_do_update(
-                            index_elements=["budget", "scope_key", "bucket_start"],
-                            set_={
-                                "spent_pico": _counters.c.spent_pico + pico,
-                                "spent_tokens": _counters.c.spent_tokens + tokens,
-                            },
-                        )
+                        self._book,
+                        {
+                            "budget": charge.budget.label,
+                            "scope_key": charge.key,
+                            "bucket_start": bucket,
+                            "spent_pico": pico,
+                            "spent_tokens": tokens,
+                            "warned": False,
+                        },
                     )
                     warning = self._crossed_warning(connection, charge, bucket, now)
                     if warning is not None:
@@ -387,7 +402,7 @@ class BudgetLedger:
 
     def release(self, reservation_id: str) -> None:
         with self._guard, self.engine.begin() as connection:
-            connection.execute(sa.delete(_holds).where(_holds.c.reservation_id == reservation_id))
+            connection.execute(_RELEASE, {"reservation": reservation_id})
 
     def status(self, charges: Sequence[Charge], now: datetime) -> list[BudgetStatus]:
         result = []
