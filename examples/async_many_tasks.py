@@ -7,6 +7,7 @@ gets its own total while the tracker sees them all.
 """
 
 import asyncio
+import itertools
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
@@ -15,13 +16,13 @@ from usage_callbacks import UsageTracker
 from usage_callbacks.langchain import UsageCallbackHandler
 
 
-def replies():  # type: ignore[no-untyped-def]
-    while True:
-        yield AIMessage(
-            content="ok",
-            response_metadata={"model_name": "gpt-4o-mini"},
-            usage_metadata={"input_tokens": 30, "output_tokens": 2, "total_tokens": 32},
-        )
+# The fake model calls next() from LangChain's executor threads: a Python generator would
+# raise "generator already executing" under concurrency; itertools.repeat is thread-safe.
+REPLY = AIMessage(
+    content="ok",
+    response_metadata={"model_name": "gpt-4o-mini"},
+    usage_metadata={"input_tokens": 30, "output_tokens": 2, "total_tokens": 32},
+)
 
 
 async def conversation(model, handler, tracker, index: int) -> int:  # type: ignore[no-untyped-def]
@@ -32,7 +33,7 @@ async def conversation(model, handler, tracker, index: int) -> int:  # type: ign
 
 
 async def main() -> None:
-    model = GenericFakeChatModel(messages=replies())
+    model = GenericFakeChatModel(messages=itertools.repeat(REPLY))
     with UsageTracker() as tracker:
         handler = UsageCallbackHandler(tracker)
         calls = await asyncio.gather(
