@@ -274,8 +274,7 @@ def test_budget_database_outage_fails_closed_by_default_or_open_on_request(
 
     provider = Provider()
     with _tracker("memory://", Budget(limit_usd=5), budget_failure_mode=mode) as tracker:
-        monkeypatch.setattr(tracker.store.ledger, "reserve", database_gone)
-        monkeypatch.setattr(tracker.store.ledger, "settle", database_gone)
+        monkeypatch.setattr(tracker.store.ledger, "renew", database_gone)
         if mode == "closed":
             with pytest.raises(BudgetUnavailableError, match="fail-closed"):
                 provider(tracker)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
+from usage_callbacks.allowances import BudgetAllowances
 from usage_callbacks.budgets import (
     Budget,
     BudgetExceededError,
@@ -27,8 +27,8 @@ from usage_callbacks.runs import RunRegistry, RunState
 from usage_callbacks.sessions import UsageSession, active_sessions
 from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
-from usage_callbacks.store.ledger import BudgetStatus, Charge
-from usage_callbacks.store.models import UsageRecord, new_record_id, utcnow
+from usage_callbacks.store.ledger import BudgetStatus, Charge, LeasePolicy
+from usage_callbacks.store.models import UsageRecord, new_record_id, usd_to_pico, utcnow
 from usage_callbacks.store.spill import SpillFile, ingest_file
 from usage_callbacks.store.writer import BatchWriter
 from usage_callbacks.usage import CallType, TokenUsage
@@ -68,6 +68,12 @@ class UsageTracker:
     writes each record before ``record()`` returns. While the database is away records
     wait in memory (at most ``max_buffer``, ~3 KB each), then spill to ``spill_path`` (JSONL), and
     are re-ingested when it returns.
+
+    Budgets are checked in memory against a hold this process keeps in the ledger: the
+    call's worst case plus ``budget_lease_fraction`` of the headroom left (at most 32
+    calls' worth), renewed in one transaction when it runs short. Other processes see
+    the hold, so a shared limit is never overspent; 0 holds only what calls need and
+    books every call at once (two transactions a call, nothing held ahead).
     """
 
     def __init__(
@@ -86,16 +92,25 @@ class UsageTracker:
         budget_failure_mode: Literal["closed", "open"] = "closed",
         max_buffer: int = 10_000,
         spill_path: str | Path | None = None,
+        budget_lease_fraction: float = LeasePolicy.fraction,
     ) -> None:
+        if not 0 <= budget_lease_fraction < 1:
+            raise ValueError("budget_lease_fraction must be in [0, 1); 0 books every call")
+        if budget_failure_mode not in ("closed", "open"):
+            raise ValueError("budget_failure_mode must be 'closed' (refuse) or 'open' (allow)")
         self.store = open_store(url)
         self.pricer = Pricer(prices)
         self.runs = RunRegistry()
         self.durable = durable
         self.reservation_ttl = reservation_ttl
         self.default_output_allowance = default_output_allowance
-        if budget_failure_mode not in ("closed", "open"):
-            raise ValueError("budget_failure_mode must be 'closed' (refuse) or 'open' (allow)")
         self.budget_failure_mode = budget_failure_mode
+        self._allowances = BudgetAllowances(
+            self.store.ledger,
+            ttl=reservation_ttl,
+            policy=LeasePolicy(fraction=budget_lease_fraction),
+            book_interval=flush_interval,
+        )
         self._budgets: list[Budget] = []
         self._session_budgets: dict[str, Budget] = {}
         self._budget_lock = threading.Lock()
@@ -203,16 +218,18 @@ class UsageTracker:
         )
         usd = self.pricer.price(estimate, model, provider).cost_usd
         reservation = Reservation(
-            id=uuid.uuid4().hex, charges=charges, usd=usd, tokens=estimate.total, estimate=estimate
+            id=new_record_id(), charges=charges, usd=usd, tokens=estimate.total, estimate=estimate
         )
         try:
-            self.store.ledger.reserve(
-                reservation.id, charges, usd, reservation.tokens, utcnow(), self.reservation_ttl
+            renewal = self._allowances.reserve(
+                reservation.id, charges, usd_to_pico(usd), reservation.tokens, utcnow()
             )
         except BudgetExceededError:
             raise
         except Exception as error:
             return self._ledger_unavailable(error, charges, reservation)
+        for warning in renewal.warnings if renewal else ():
+            _announce(warning)
         return reservation
 
     def _ledger_unavailable(
@@ -226,18 +243,16 @@ class UsageTracker:
 
     def release(self, reservation: Reservation | None) -> None:
         """Drop a reservation whose call never happened (never raises)."""
-        if reservation is None:
-            return
-        try:
-            self.store.ledger.release(reservation.id)
-        except Exception:
-            logger.warning(
-                "releasing budget reservation %s failed; it expires", reservation.id, exc_info=True
-            )
+        if reservation is not None:
+            self._allowances.release(reservation.id, reservation.charges)
 
     def budget_status(self) -> list[BudgetStatus]:
         """Spend, holds and headroom of every budget for every key seen this period."""
         now = utcnow()
+        # book our spend and hand back our unused slice: reserved = calls in flight,
+        # plus the slices other processes hold
+        for warning in self._allowances.sync(now, keep_slices=False):
+            _announce(warning)
         charges: list[Charge] = []
         for budget in self.budgets:
             keys = self.store.ledger.scope_keys(budget, now)
@@ -281,38 +296,39 @@ class UsageTracker:
         hit bills nothing. Storage and budget failures are logged, never raised.
         """
         sessions = self._sessions(sessions)
-        user_id, session_id = self._defaults(user_id, session_id, sessions)
+        if sessions:
+            user_id, session_id = self._defaults(user_id, session_id, sessions)
         ended_at = ended_at or utcnow()
-        cost_known = True
+        values = dict(usage.__dict__)  # the TokenUsage fields, read without validation
+        values["total_tokens"] = usage.total
+        values["cost_known"] = True
         if cache_hit:
-            usage = TokenUsage(estimated=usage.estimated)
+            values.update(_NOTHING_BILLED)
         elif usage.cost_estimate_usd == 0 and usage.total > 0:
             priced = self.pricer.price(usage, model, provider)
-            usage = usage.with_cost(priced.cost_usd)
-            cost_known = priced.known
-        session_tags = [tag for session in sessions for tag in session.tags]
-        record = UsageRecord.from_values(
-            {
-                "id": new_record_id(),
-                "started_at": started_at or ended_at,
-                "ended_at": ended_at,
-                "latency_ms": latency_ms,
-                "framework": framework,
-                "provider": provider,
-                "model": model,
-                "call_type": call_type,
-                "run_id": None if run_id is None else str(run_id),
-                "parent_run_id": None if parent_run_id is None else str(parent_run_id),
-                "session_id": session_id,
-                "user_id": user_id,
-                "tags": list(dict.fromkeys([*(tags or ()), *session_tags])),
-                "status": status,
-                "error_type": error_type,
-                "cache_hit": cache_hit,
-                "cost_known": cost_known,
-                **{name: getattr(usage, name) for name in _USAGE_FIELDS},
-            }
+            values["cost_estimate_usd"] = priced.cost_usd
+            values["cost_known"] = priced.known
+        if sessions:
+            tags = [*(tags or ()), *(tag for session in sessions for tag in session.tags)]
+        values.update(
+            id=new_record_id(),
+            started_at=started_at or ended_at,
+            ended_at=ended_at,
+            latency_ms=latency_ms,
+            framework=framework,
+            provider=provider,
+            model=model,
+            call_type=call_type,
+            run_id=None if run_id is None else str(run_id),
+            parent_run_id=None if parent_run_id is None else str(parent_run_id),
+            session_id=session_id,
+            user_id=user_id,
+            tags=list(dict.fromkeys(tags)) if tags else [],
+            status=status,
+            error_type=error_type,
+            cache_hit=cache_hit,
         )
+        record = UsageRecord.from_values(values)
         self._settle(record, sessions, reservation)
         for session in sessions:
             session.add(record)
@@ -361,19 +377,15 @@ class UsageTracker:
             return
         scope = self._scope(record.model, record.user_id, record.session_id, sessions)
         charges = reservation.charges if reservation is not None else self._charges(scope)
-        try:
-            warnings = self.store.ledger.settle(
-                reservation.id if reservation else None,
-                charges,
-                record.cost_estimate_usd,
-                record.total_tokens,
-                record.ended_at,
-            )
-        except Exception:
-            logger.warning(
-                "booking spend against budgets failed; the record is kept", exc_info=True
-            )
+        if not charges:
             return
+        warnings = self._allowances.settle(
+            reservation.id if reservation else None,
+            charges,
+            usd_to_pico(record.cost_estimate_usd),
+            record.total_tokens,
+            record.ended_at,
+        )
         for warning in warnings:
             _announce(warning)
 
@@ -438,7 +450,9 @@ class UsageTracker:
         if any(open_session is session for open_session in active_sessions()):
             return  # still open in this context (re-entered)
         with self._budget_lock:
-            self._session_budgets.pop(session.session_id, None)
+            budget = self._session_budgets.pop(session.session_id, None)
+        if budget is not None:
+            self._allowances.forget(budget, utcnow())
 
     # ------------------------------------------------------------------ reading
 
@@ -472,12 +486,16 @@ class UsageTracker:
         self._exporters.append(exporter)
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Write everything recorded so far; False if the store did not take it in time."""
+        """Write everything recorded so far and book its spend against budgets; False if
+        the store did not take the records in time."""
+        for warning in self._allowances.sync(utcnow()):
+            _announce(warning)
         return self._writer.flush(timeout)
 
     def close(self) -> None:
         if self._closed:
             return
+        self._allowances.sync(utcnow(), keep_slices=False)
         self._writer.close()
         self._closed = True
         atexit.unregister(self._atexit)
@@ -502,7 +520,10 @@ class UsageTracker:
         return f"UsageTracker({self.store._safe_url()!r}, budgets={len(self.budgets)})"
 
 
-_USAGE_FIELDS = tuple(TokenUsage.model_fields)
+#: A cache hit replays a stored answer: no tokens billed, nothing spent.
+_NOTHING_BILLED = {name: 0 for name in TokenUsage.model_fields if name.endswith("_tokens")} | {
+    "cost_estimate_usd": Decimal(0)
+}
 
 
 def _announce(warning: BudgetWarning) -> None:

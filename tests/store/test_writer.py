@@ -7,6 +7,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
+from usage_callbacks.store import writer as writer_module
 from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.store.spill import SpillFile, read_records
 from usage_callbacks.store.writer import BatchWriter
@@ -150,3 +153,30 @@ def test_spill_files_round_trip_every_field(tmp_path: Path) -> None:
         assert target.ingest(spill.path) == 1  # idempotent: still one row
         [copy] = target.records()
     assert copy.model_dump() == record.model_dump()
+
+
+def test_a_stalled_but_healthy_store_gets_its_spilled_records_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backpressure gives up after a while and spills; nothing failed, yet all arrive."""
+    monkeypatch.setattr(writer_module, "_BACKPRESSURE_LIMIT_S", 0.01)
+    store = _RecordingStore()
+    stalled = threading.Event()
+    slow_write = store.write
+
+    def write(records: Sequence[UsageRecord]) -> None:
+        stalled.wait(10)
+        slow_write(records)
+
+    store.write = write  # type: ignore[method-assign]
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    writer = BatchWriter(store, batch_size=5, max_delay=3600, max_buffer=5, spill=spill)
+    records = [UsageRecord() for _ in range(40)]
+    for record in records:
+        writer.submit(record)
+    assert spill.exists()  # the stall outlasted the backpressure limit
+    stalled.set()
+    writer.close()
+    written = [record_id for batch in store.batches for record_id in batch]
+    assert sorted(written) == sorted(record.id for record in records)
+    assert not spill.exists()

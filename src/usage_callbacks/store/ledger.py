@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -117,7 +117,11 @@ _held = sa.select(_sum(_holds.c.pico), _sum(_holds.c.tokens)).where(
     _holds.c.scope_key == sa.bindparam("key"),
     _holds.c.expires_at > sa.bindparam("now"),
 )
-_RELEASE = sa.delete(_holds).where(_holds.c.reservation_id == sa.bindparam("reservation"))
+_DROP_HOLD = sa.delete(_holds).where(
+    _holds.c.reservation_id == sa.bindparam("reservation"),
+    _holds.c.budget == sa.bindparam("budget"),
+    _holds.c.scope_key == sa.bindparam("key"),
+)
 _spent_rows = _spent.subquery()
 _held_rows = _held.subquery()
 _USED = sa.select(*_spent_rows.c, *_held_rows.c).select_from(
@@ -162,7 +166,7 @@ class BudgetStatus:
         return self.budget.limit_tokens - self.spent_tokens - self.reserved_tokens
 
 
-def _bucket(budget: Budget, now: datetime) -> datetime:
+def bucket_start(budget: Budget, now: datetime) -> datetime:
     """The counter row a spend at ``now`` is booked into."""
     start, _ = budget.window(now)
     if not budget.is_rolling:
@@ -175,7 +179,7 @@ def _bucket(budget: Budget, now: datetime) -> datetime:
 
 def _first_bucket(budget: Budget, now: datetime) -> datetime:
     start, _ = budget.window(now)
-    return _bucket(budget, start) if budget.is_rolling else start
+    return bucket_start(budget, start) if budget.is_rolling else start
 
 
 class BudgetLedger:
@@ -190,7 +194,7 @@ class BudgetLedger:
         self._insert = insert
         self._hold = insert(_holds).on_conflict_do_nothing()
         booking = insert(_counters)
-        self._book = booking.on_conflict_do_update(
+        self._add_spend = booking.on_conflict_do_update(
             index_elements=["budget", "scope_key", "bucket_start"],
             set_={
                 "spent_pico": _counters.c.spent_pico + booking.excluded.spent_pico,
@@ -224,114 +228,88 @@ class BudgetLedger:
         ).one()
         return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
-    def reserve(
+    def renew(
         self,
-        reservation_id: str,
-        charges: Sequence[Charge],
-        usd: Decimal,
-        tokens: int,
+        lease_id: str,
+        changes: Sequence[LeaseChange],
         now: datetime,
         ttl: timedelta,
-    ) -> None:
-        """Hold ``usd``/``tokens`` on every charge, or on none and raise."""
-        pico = usd_to_pico(usd)
-        warnings: list[BudgetExceededError] = []
+        policy: LeasePolicy,
+    ) -> Renewal:
+        """Book each charge's spend, then set the lease's hold on it, in one transaction.
+
+        The hold becomes what the caller keeps (calls in flight, an unused slice) plus
+        what it needs now plus a fresh slice of the headroom left. When a charge has no
+        room for what is needed, the spend is still booked, the hold shrinks to what is
+        kept, and the renewal comes back refused: the caller raises after commit.
+        """
+        grants: list[Grant] = []
+        warnings: list[BudgetWarning] = []
+        overruns: list[BudgetExceededError] = []
+        refused: BudgetExceededError | None = None
         with self._guard, self.engine.connect() as connection:
             self._begin(connection)
             with connection.begin():
+                charges = [change.charge for change in changes]
                 self._lock(connection, charges)
-                for charge in charges:
-                    error = self._check(connection, charge, pico, tokens, now)
+                connection.execute(
+                    _DROP_HOLD,
+                    [
+                        {"reservation": lease_id, "budget": c.budget.label, "key": c.key}
+                        for c in charges
+                    ],
+                )
+                for change in changes:
+                    warning = self._book(connection, change, now)
+                    if warning is not None:
+                        warnings.append(warning)
+                used = [self._used(connection, change.charge, now) for change in changes]
+                for change, in_use in zip(changes, used, strict=True):
+                    error = _check(change, in_use, now)
                     if error is None:
                         continue
-                    if charge.budget.on_exceed == "raise":
-                        raise error
-                    warnings.append(error)
+                    if change.charge.budget.on_exceed == "warn":
+                        overruns.append(error)
+                    elif refused is None:
+                        refused = error
+                for change, in_use in zip(changes, used, strict=True):
+                    grants.append(_grant(change, in_use, policy, granted=refused is None))
                 rows = [
                     {
-                        "reservation_id": reservation_id,
-                        "budget": charge.budget.label,
-                        "scope_key": charge.key,
-                        "pico": pico,
-                        "tokens": tokens,
+                        "reservation_id": lease_id,
+                        "budget": change.charge.budget.label,
+                        "scope_key": change.charge.key,
+                        "pico": grant.hold_pico,
+                        "tokens": grant.hold_tokens,
                         "expires_at": now + ttl,
                     }
-                    for charge in _unique(charges)
+                    for change, grant in zip(changes, grants, strict=True)
+                    if grant.hold_pico or grant.hold_tokens
                 ]
                 if rows:
                     connection.execute(self._hold, rows)
-        for error in warnings:
-            logger.warning("budget exceeded (on_exceed='warn'): %s", error)
+        return Renewal(grants, refused, overruns, warnings)
 
-    def _check(
-        self, connection: Connection, charge: Charge, pico: int, tokens: int, now: datetime
-    ) -> BudgetExceededError | None:
-        budget = charge.budget
-        spent_pico, spent_tokens, held_pico, held_tokens = self._used(connection, charge, now)
-        start, end = budget.window(now)
-        if budget.limit_usd is not None and spent_pico + held_pico + pico > usd_to_pico(
-            budget.limit_usd
-        ):
-            return BudgetExceededError(
-                budget=budget,
-                key=charge.key,
-                unit="usd",
-                limit=budget.limit_usd,
-                spent=pico_to_usd(spent_pico + held_pico),
-                requested=pico_to_usd(pico),
-                period_start=start,
-                period_end=end,
+    def _book(
+        self, connection: Connection, change: LeaseChange, now: datetime
+    ) -> BudgetWarning | None:
+        """Add the change's spend to its period buckets; a warning if warn_at is crossed."""
+        charge = change.charge
+        for bucket, (pico, tokens) in sorted(change.bookings.items()):
+            connection.execute(
+                self._add_spend,
+                {
+                    "budget": charge.budget.label,
+                    "scope_key": charge.key,
+                    "bucket_start": bucket,
+                    "spent_pico": pico,
+                    "spent_tokens": tokens,
+                    "warned": False,
+                },
             )
-        if (
-            budget.limit_tokens is not None
-            and spent_tokens + held_tokens + tokens > budget.limit_tokens
-        ):
-            return BudgetExceededError(
-                budget=budget,
-                key=charge.key,
-                unit="tokens",
-                limit=budget.limit_tokens,
-                spent=spent_tokens + held_tokens,
-                requested=tokens,
-                period_start=start,
-                period_end=end,
-            )
-        return None
-
-    def settle(
-        self,
-        reservation_id: str | None,
-        charges: Sequence[Charge],
-        usd: Decimal,
-        tokens: int,
-        now: datetime,
-    ) -> list[BudgetWarning]:
-        """Book the actual spend and drop the call's holds, in one transaction."""
-        pico = usd_to_pico(usd)
-        crossed: list[BudgetWarning] = []
-        with self._guard, self.engine.connect() as connection:
-            self._begin(connection)
-            with connection.begin():
-                self._lock(connection, charges)
-                if reservation_id is not None:
-                    connection.execute(_RELEASE, {"reservation": reservation_id})
-                for charge in _unique(charges):
-                    bucket = _bucket(charge.budget, now)
-                    connection.execute(
-                        self._book,
-                        {
-                            "budget": charge.budget.label,
-                            "scope_key": charge.key,
-                            "bucket_start": bucket,
-                            "spent_pico": pico,
-                            "spent_tokens": tokens,
-                            "warned": False,
-                        },
-                    )
-                    warning = self._crossed_warning(connection, charge, bucket, now)
-                    if warning is not None:
-                        crossed.append(warning)
-        return crossed
+        if not change.bookings:
+            return None
+        return self._crossed_warning(connection, charge, max(change.bookings), now)
 
     def _crossed_warning(
         self, connection: Connection, charge: Charge, bucket: datetime, now: datetime
@@ -400,10 +378,6 @@ class BudgetLedger:
             charges.extend(Charge(budget, key) for key in keys)
         return self.status(charges, now)
 
-    def release(self, reservation_id: str) -> None:
-        with self._guard, self.engine.begin() as connection:
-            connection.execute(_RELEASE, {"reservation": reservation_id})
-
     def status(self, charges: Sequence[Charge], now: datetime) -> list[BudgetStatus]:
         result = []
         with self._guard, self.engine.connect() as connection:
@@ -445,8 +419,108 @@ class BudgetLedger:
             return sorted(set(spent) | set(held))
 
 
-def _unique(charges: Sequence[Charge]) -> list[Charge]:
-    seen: dict[tuple[str, str], Charge] = {}
-    for charge in charges:
-        seen.setdefault((charge.budget.label, charge.key), charge)
-    return list(seen.values())
+@dataclass(frozen=True)
+class LeasePolicy:
+    """How big a slice of the headroom a renewal adds to a process's hold."""
+
+    #: Share of the headroom left after the call; 0 holds only what calls need.
+    fraction: float = 0.125
+    #: Cap, in multiples of the call that asked: a small call never pins a large budget.
+    max_calls: int = 32
+
+
+@dataclass(frozen=True)
+class LeaseChange:
+    """What a process books and asks of one charge in a renewal."""
+
+    charge: Charge
+    #: Spend to move from the hold to the counters: bucket start -> (pico, tokens).
+    bookings: Mapping[datetime, tuple[int, int]]
+    keep_pico: int
+    keep_tokens: int
+    need_pico: int = 0
+    need_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The hold a charge now has, and the spend booked in its window (for warn_at)."""
+
+    hold_pico: int
+    hold_tokens: int
+    spent_pico: int
+    spent_tokens: int
+
+
+@dataclass(frozen=True)
+class Renewal:
+    grants: list[Grant]
+    refused: BudgetExceededError | None
+    overruns: list[BudgetExceededError]
+    warnings: list[BudgetWarning]
+
+
+def _check(
+    change: LeaseChange, in_use: tuple[int, int, int, int], now: datetime
+) -> BudgetExceededError | None:
+    """The error if the change's need does not fit next to spend and every other hold."""
+    if not (change.need_pico or change.need_tokens):
+        return None
+    budget = change.charge.budget
+    spent_pico, spent_tokens, held_pico, held_tokens = in_use
+    used_pico = spent_pico + held_pico + change.keep_pico
+    used_tokens = spent_tokens + held_tokens + change.keep_tokens
+    start, end = budget.window(now)
+    if budget.limit_usd is not None and used_pico + change.need_pico > usd_to_pico(
+        budget.limit_usd
+    ):
+        return BudgetExceededError(
+            budget=budget,
+            key=change.charge.key,
+            unit="usd",
+            limit=budget.limit_usd,
+            spent=pico_to_usd(used_pico),
+            requested=pico_to_usd(change.need_pico),
+            period_start=start,
+            period_end=end,
+        )
+    if budget.limit_tokens is not None and used_tokens + change.need_tokens > budget.limit_tokens:
+        return BudgetExceededError(
+            budget=budget,
+            key=change.charge.key,
+            unit="tokens",
+            limit=budget.limit_tokens,
+            spent=used_tokens,
+            requested=change.need_tokens,
+            period_start=start,
+            period_end=end,
+        )
+    return None
+
+
+def _grant(
+    change: LeaseChange, in_use: tuple[int, int, int, int], policy: LeasePolicy, *, granted: bool
+) -> Grant:
+    spent_pico, spent_tokens, held_pico, held_tokens = in_use
+    budget = change.charge.budget
+    hold_pico, hold_tokens = change.keep_pico, change.keep_tokens
+    if granted:
+        limit_pico = None if budget.limit_usd is None else usd_to_pico(budget.limit_usd)
+        hold_pico += change.need_pico + _slice(
+            limit_pico, spent_pico + held_pico + hold_pico, change.need_pico, policy
+        )
+        hold_tokens += change.need_tokens + _slice(
+            budget.limit_tokens,
+            spent_tokens + held_tokens + hold_tokens,
+            change.need_tokens,
+            policy,
+        )
+    return Grant(hold_pico, hold_tokens, spent_pico, spent_tokens)
+
+
+def _slice(limit: int | None, in_use: int, need: int, policy: LeasePolicy) -> int:
+    """Extra room held ahead of need: a share of the headroom, capped in calls."""
+    if limit is None or need <= 0:
+        return 0
+    headroom = limit - in_use - need
+    return max(0, min(int(headroom * policy.fraction), need * policy.max_calls))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -167,27 +169,17 @@ class SqlStore:
         if not records:
             return
         if self._positional_insert is not None:
-            sql, names, processors = self._positional_insert
-            rows = [
-                tuple(
-                    value if process is None else process(value)
-                    for value, process in zip(
-                        map(record.__dict__.get, names), processors, strict=True
-                    )
-                )
-                for record in records
-            ]
             with self.engine.begin() as connection:
-                connection.exec_driver_sql(sql, rows)
+                connection.exec_driver_sql(
+                    self._positional_insert.sql, self._positional_insert.rows(records)
+                )
             return
         table = UsageRecord.__table__  # type: ignore[attr-defined]
         statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
         with self.engine.begin() as connection:
             connection.execute(statement, [record.row() for record in records])
 
-    def _compile_positional_insert(
-        self,
-    ) -> tuple[str, tuple[str, ...], list[Callable[[Any], Any] | None]] | None:
+    def _compile_positional_insert(self) -> _PositionalInsert | None:
         """SQLite's insert, compiled once with each column type's own bind processor.
 
         executemany over plain tuples skips SQLAlchemy's per-row parameter assembly,
@@ -200,10 +192,17 @@ class SqlStore:
         compiled = statement.compile(dialect=self.engine.dialect, column_keys=list(RECORD_COLUMNS))
         names = tuple(compiled.positiontup or ())
         dialect = self.engine.dialect
-        processors = [
-            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
-        ]
-        return compiled.string, names, processors
+        converters = []
+        for index, name in enumerate(names):
+            column_type = table.c[name].type
+            if isinstance(column_type, sa.Boolean):
+                continue  # sqlite3 binds bool as the integer SQLAlchemy would write
+            process = column_type.dialect_impl(dialect).bind_processor(dialect)
+            if isinstance(column_type, sa.JSON) and process is not None:
+                process = _empty_list_shortcut(process)
+            if process is not None:
+                converters.append((index, process))
+        return _PositionalInsert(compiled.string, operator.itemgetter(*names), tuple(converters))
 
     def purge(self, before: datetime) -> int:
         with self.engine.begin() as connection:
@@ -379,6 +378,36 @@ class SqlStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _empty_list_shortcut(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Most records carry no tags: skip json.dumps for the empty list."""
+    empty = process([])
+
+    def convert(value: Any) -> Any:
+        return empty if value == [] else process(value)
+
+    return convert
+
+
+@dataclass(frozen=True)
+class _PositionalInsert:
+    """A compiled INSERT and how to turn records into its positional parameter rows."""
+
+    sql: str
+    values: Callable[[dict[str, Any]], tuple[Any, ...]]
+    converters: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+    def rows(self, records: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
+        """Column values in statement order, converted by the columns' bind processors."""
+        values, converters = self.values, self.converters
+        rows = []
+        for record in records:
+            row = list(values(record.__dict__))
+            for index, process in converters:
+                row[index] = process(row[index])
+            rows.append(tuple(row))
+        return rows
 
 
 #: Summed per group; cost last (it is summed as integer pico-USD).

@@ -58,6 +58,7 @@ class BatchWriter:
         self._flush_requested = False
         self._closed = False
         self._failures = 0
+        self._spilled = False  # records went to the spill file: re-ingest once writes succeed
         self._thread = threading.Thread(
             target=self._run, name="usage-callbacks-writer", daemon=True
         )
@@ -98,6 +99,7 @@ class BatchWriter:
                 exc_info=True,
             )
         else:
+            self._spilled = True
             logger.warning(
                 "usage buffer full (%d); spilled %d records to %s",
                 self._max_buffer,
@@ -161,14 +163,20 @@ class BatchWriter:
             return self._inflight
 
     def _reingest_spill(self) -> None:
+        self._spilled = False
         try:
             count = self._spill.drain(self._store, self._batch_size)
         except Exception:
             logger.warning("re-ingesting %s failed; will retry", self._spill.path, exc_info=True)
         else:
-            logger.warning("store is back: re-ingested %d spilled records", count)
+            logger.warning("re-ingested %d spilled records from %s", count, self._spill.path)
 
     def _run(self) -> None:
+        self._write_batches()
+        if self._spilled and not self._failures and self._spill.exists():  # after the last batch
+            self._reingest_spill()
+
+    def _write_batches(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
                 self._store.write(batch)
@@ -193,7 +201,7 @@ class BatchWriter:
                         return
                     self._condition.wait_for(lambda: self._closed, timeout=delay)
                 continue
-            if self._failures and self._spill.exists():
+            if (self._failures or self._spilled) and self._spill.exists():
                 self._reingest_spill()
             self._failures = 0
             with self._condition:

@@ -1,0 +1,287 @@
+"""Budget allowances: each process spends from a hold in the shared ledger, in memory.
+
+Why: checking and holding in the database for every call, then booking after it, cost
+two transactions a call (~600 µs on SQLite). Instead, when a call does not fit in what
+this process already holds, one renewal books the spend so far and holds the call's
+worst case plus a slice of the headroom left (``LeasePolicy``); the calls that follow
+are checked against that hold under a lock. Holds sit in the ledger, so every process
+sees every other's: spend plus all holds never exceeds a limit, which is the guarantee.
+
+Spend is booked (moved from the hold to the counters) when a hold runs short, when a
+call cost more than it reserved, when ``warn_at`` may have been crossed, at least every
+``book_interval`` seconds while calls are made, and on ``sync()``/``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from usage_callbacks.budgets import Budget, BudgetWarning
+from usage_callbacks.store.ledger import (
+    BudgetLedger,
+    Charge,
+    LeaseChange,
+    LeasePolicy,
+    Renewal,
+    bucket_start,
+)
+from usage_callbacks.store.models import usd_to_pico
+
+logger = logging.getLogger("usage_callbacks")
+
+
+@dataclass
+class _Lease:
+    """This process's hold on one charge and what it has spent from it since booking."""
+
+    charge: Charge
+    hold_pico: int = 0
+    hold_tokens: int = 0
+    #: reservation id -> (pico, tokens, expiry) of the calls in flight
+    inflight: dict[str, tuple[int, int, datetime]] = field(default_factory=dict)
+    inflight_pico: int = 0
+    inflight_tokens: int = 0
+    #: bucket start -> [pico, tokens] spent and not yet booked
+    unbooked: dict[datetime, list[int]] = field(default_factory=dict)
+    unbooked_pico: int = 0
+    unbooked_tokens: int = 0
+    renew_by: datetime | None = None
+    spent_pico: int = 0  # booked spend in the window at the last renewal
+    spent_tokens: int = 0
+    warned_until: datetime | None = None
+
+    def room(self) -> tuple[int, int]:
+        return (
+            self.hold_pico - self.inflight_pico - self.unbooked_pico,
+            self.hold_tokens - self.inflight_tokens - self.unbooked_tokens,
+        )
+
+    def fits(self, pico: int, tokens: int, now: datetime) -> bool:
+        if self.renew_by is None or now >= self.renew_by:
+            return False
+        budget = self.charge.budget
+        room_pico, room_tokens = self.room()
+        return (budget.limit_usd is None or pico <= room_pico) and (
+            budget.limit_tokens is None or tokens <= room_tokens
+        )
+
+    def overdrawn(self) -> bool:
+        """Spent beyond the hold (a call cost more than it reserved): book it now."""
+        budget = self.charge.budget
+        room_pico, room_tokens = self.room()
+        return (budget.limit_usd is not None and room_pico < 0) or (
+            budget.limit_tokens is not None and room_tokens < 0
+        )
+
+    def may_warn(self, now: datetime) -> bool:
+        """Spend may have crossed ``warn_at``: the ledger decides, once per period."""
+        budget = self.charge.budget
+        if budget.warn_at is None or (self.warned_until and now < self.warned_until):
+            return False
+        return _crossed(
+            budget, self.spent_pico + self.unbooked_pico, self.spent_tokens + self.unbooked_tokens
+        )
+
+    def hold(self, key: str, pico: int, tokens: int, expires: datetime) -> None:
+        self.inflight[key] = (pico, tokens, expires)
+        self.inflight_pico += pico
+        self.inflight_tokens += tokens
+
+    def drop(self, key: str) -> None:
+        pico, tokens, _ = self.inflight.pop(key, (0, 0, None))
+        self.inflight_pico -= pico
+        self.inflight_tokens -= tokens
+
+    def spend(self, pico: int, tokens: int, at: datetime) -> None:
+        amounts = self.unbooked.setdefault(bucket_start(self.charge.budget, at), [0, 0])
+        amounts[0] += pico
+        amounts[1] += tokens
+        self.unbooked_pico += pico
+        self.unbooked_tokens += tokens
+
+    def expire(self, now: datetime) -> None:
+        """Forget calls in flight past their expiry (their process, or thread, is gone)."""
+        for key in [key for key, (_, _, expires) in self.inflight.items() if expires <= now]:
+            self.drop(key)
+
+    def change(self, keep_slice: bool, need: tuple[int, int] = (0, 0)) -> LeaseChange:
+        keep_pico, keep_tokens = self.inflight_pico, self.inflight_tokens
+        if keep_slice:
+            room_pico, room_tokens = self.room()
+            keep_pico += max(room_pico, 0)
+            keep_tokens += max(room_tokens, 0)
+        return LeaseChange(
+            charge=self.charge,
+            bookings={bucket: (pico, tokens) for bucket, (pico, tokens) in self.unbooked.items()},
+            keep_pico=keep_pico,
+            keep_tokens=keep_tokens,
+            need_pico=need[0],
+            need_tokens=need[1],
+        )
+
+
+def _crossed(budget: Budget, pico: int, tokens: int) -> bool:
+    warn_at = budget.warn_at or 0
+    return (budget.limit_usd is not None and pico >= usd_to_pico(budget.limit_usd) * warn_at) or (
+        budget.limit_tokens is not None and tokens >= budget.limit_tokens * warn_at
+    )
+
+
+class BudgetAllowances:
+    """Reserve, settle and release calls against holds this process keeps in the ledger."""
+
+    def __init__(
+        self,
+        ledger: BudgetLedger,
+        *,
+        ttl: timedelta,
+        policy: LeasePolicy,
+        book_interval: float,
+    ) -> None:
+        self._ledger = ledger
+        self._ttl = ttl
+        self._policy = policy
+        self._book_interval = book_interval
+        self._lock = threading.Lock()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        """A new lease id and no leases: a forked child must not spend its parent's holds."""
+        self._lease_id = uuid.uuid4().hex
+        self._leases: dict[tuple[str, str], _Lease] = {}
+        self._booked_at = time.monotonic()
+
+    def reserve(
+        self, reservation_id: str, charges: Sequence[Charge], pico: int, tokens: int, now: datetime
+    ) -> Renewal | None:
+        """Hold a call's worst case on every charge, or on none and raise.
+
+        Returns the renewal when the ledger was asked (for its warnings and overruns).
+        Raises BudgetExceededError when refused and the ledger's errors when it is away.
+        """
+        with self._lock:
+            leases = self._leases_of(charges)
+            renewal = None
+            if not all(lease.fits(pico, tokens, now) for lease in leases):
+                renewal = self._renew(leases, now, need=(pico, tokens))
+                if renewal.refused is not None:
+                    raise renewal.refused
+            expires = now + self._ttl
+            for lease in leases:
+                lease.hold(reservation_id, pico, tokens, expires)
+            return renewal
+
+    def settle(
+        self,
+        reservation_id: str | None,
+        charges: Sequence[Charge],
+        pico: int,
+        tokens: int,
+        now: datetime,
+    ) -> list[BudgetWarning]:
+        """Count a call's actual spend; book to the ledger when due. Never raises."""
+        with self._lock:
+            leases = self._leases_of(charges)
+            for lease in leases:
+                if reservation_id is not None:
+                    lease.drop(reservation_id)
+                lease.spend(pico, tokens, now)
+            due = (
+                self._policy.fraction == 0
+                or time.monotonic() - self._booked_at >= self._book_interval
+                or any(lease.overdrawn() or lease.may_warn(now) for lease in leases)
+            )
+            if not due:
+                return []
+            return self._book_all(now, keep_slice=True)
+
+    def release(self, reservation_id: str, charges: Sequence[Charge]) -> None:
+        """Drop a call that never happened; its hold goes back to this process's slice."""
+        with self._lock:
+            for lease in self._leases_of(charges):
+                lease.drop(reservation_id)
+
+    def sync(self, now: datetime, *, keep_slices: bool = True) -> list[BudgetWarning]:
+        """Book everything spent so far; ``keep_slices=False`` also returns unused holds."""
+        with self._lock:
+            return self._book_all(now, keep_slice=keep_slices)
+
+    def forget(self, budget: Budget, now: datetime) -> None:
+        """A session's budget stopped applying: book its spend and return its holds."""
+        with self._lock:
+            leases = [lease for lease in self._leases.values() if lease.charge.budget is budget]
+            if not leases:
+                return
+            try:
+                self._renew(leases, now, keep_slice=False)
+            except Exception:
+                logger.warning(
+                    "returning the holds of budget %s failed", budget.label, exc_info=True
+                )
+                return
+            for lease in leases:
+                if not lease.inflight:
+                    del self._leases[(budget.label, lease.charge.key)]
+
+    # ------------------------------------------------------------------ internals
+
+    def _leases_of(self, charges: Sequence[Charge]) -> list[_Lease]:
+        leases: dict[tuple[str, str], _Lease] = {}
+        for charge in charges:
+            key = (charge.budget.label, charge.key)
+            lease = self._leases.get(key)
+            if lease is None or lease.charge.budget is not charge.budget:
+                lease = self._leases[key] = _Lease(charge)
+            leases[key] = lease
+        return list(leases.values())
+
+    def _book_all(self, now: datetime, *, keep_slice: bool) -> list[BudgetWarning]:
+        leases = [lease for lease in self._leases.values() if lease.unbooked or not keep_slice]
+        if not leases:
+            return []
+        try:
+            renewal = self._renew(leases, now, keep_slice=keep_slice)
+        except Exception:
+            logger.warning("booking spend against budgets failed; will retry", exc_info=True)
+            return []
+        return renewal.warnings
+
+    def _renew(
+        self,
+        leases: list[_Lease],
+        now: datetime,
+        *,
+        need: tuple[int, int] = (0, 0),
+        keep_slice: bool = False,
+    ) -> Renewal:
+        """One ledger transaction; local state follows only what was committed."""
+        for lease in leases:
+            lease.expire(now)
+        changes = [lease.change(keep_slice, need) for lease in leases]
+        renewal = self._ledger.renew(self._lease_id, changes, now, self._ttl, self._policy)
+        self._booked_at = time.monotonic()
+        warned = {(w.budget.label, w.key) for w in renewal.warnings}
+        for lease, grant in zip(leases, renewal.grants, strict=True):
+            lease.hold_pico, lease.hold_tokens = grant.hold_pico, grant.hold_tokens
+            lease.unbooked.clear()
+            lease.unbooked_pico = lease.unbooked_tokens = 0
+            lease.spent_pico, lease.spent_tokens = grant.spent_pico, grant.spent_tokens
+            lease.renew_by = now + self._ttl / 2
+            budget = lease.charge.budget
+            if (budget.label, lease.charge.key) in warned or (
+                budget.warn_at is not None
+                and _crossed(budget, grant.spent_pico, grant.spent_tokens)
+            ):
+                start, end = budget.window(now)
+                lease.warned_until = end if not budget.is_rolling else now + (end - start)
+        for error in renewal.overruns:
+            logger.warning("budget exceeded (on_exceed='warn'): %s", error)
+        return renewal

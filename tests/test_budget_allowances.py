@@ -1,0 +1,117 @@
+"""Budget allowances: a worker spends from its hold in memory; every other worker sees it."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from usage_callbacks import Budget, BudgetExceededError, ModelPrice, TokenUsage, UsageTracker
+from usage_callbacks.store.ledger import BudgetLedger, BudgetStatus, Charge
+from usage_callbacks.store.models import utcnow
+
+PRICES = {"m": ModelPrice(input_per_mtok=Decimal(1), output_per_mtok=Decimal(1))}
+
+
+def _worker(url: str, limit_tokens: int = 1000, **kwargs: object) -> UsageTracker:
+    budget = Budget(limit_tokens=limit_tokens, name="shared")
+    return UsageTracker(url, budgets=[budget], prices=PRICES, **kwargs)  # type: ignore[arg-type]
+
+
+def _call(tracker: UsageTracker, reserve: int = 100, bill: int = 100) -> None:
+    reservation = tracker.reserve(model="m", prompt_tokens=reserve, max_output_tokens=0)
+    tracker.record(TokenUsage(prompt_tokens=bill), model="m", reservation=reservation)
+
+
+def _ledger_view(
+    tracker: UsageTracker, budget: Budget | None = None, key: str = "*"
+) -> BudgetStatus:
+    """What the ledger shows everyone, without booking or returning this tracker's hold."""
+    [status] = tracker.store.ledger.status([Charge(budget or tracker.budgets[0], key)], utcnow())
+    return status
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture
+def renewals(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the ledger transactions (renewals) every tracker makes."""
+    seen: list[int] = []
+    renew = BudgetLedger.renew
+
+    def counted(self: BudgetLedger, *args: object, **kwargs: object) -> object:
+        seen.append(1)
+        return renew(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BudgetLedger, "renew", counted)
+    return seen
+
+
+def test_calls_that_fit_the_hold_cost_no_ledger_transaction(url: str, renewals: list[int]) -> None:
+    with _worker(url, limit_tokens=1_000_000, flush_interval=3600) as worker:
+        for _ in range(30):
+            _call(worker)
+        assert len(renewals) == 1  # the first call held 32 calls' worth
+        assert worker.summary().usage.total_tokens == 3000
+
+
+def test_fraction_zero_books_every_call_at_once(url: str, renewals: list[int]) -> None:
+    with _worker(url, budget_lease_fraction=0) as worker, _worker(url) as reader:
+        for calls in range(1, 4):
+            _call(worker)
+            [status] = reader.budget_status()
+            assert (status.spent_tokens, status.reserved_tokens) == (100 * calls, 0)
+        assert len(renewals) >= 6  # a reservation and a booking per call
+
+
+def test_other_workers_see_the_hold_and_cannot_spend_it(url: str) -> None:
+    with _worker(url, flush_interval=3600) as first, _worker(url) as second:
+        _call(first)
+        # first holds its call (100) and a slice: 1/8 of the 900 left -> 212 in all
+        [status] = second.budget_status()
+        assert (status.spent_tokens, status.reserved_tokens) == (0, 212)
+        with pytest.raises(BudgetExceededError) as refused:
+            second.reserve(model="m", prompt_tokens=789, max_output_tokens=0)
+        assert (refused.value.spent, refused.value.requested) == (212, 789)
+        held = second.reserve(model="m", prompt_tokens=788, max_output_tokens=0)
+        assert held is not None
+        first.flush()  # books the spend, keeps the slice
+        status = _ledger_view(first)
+        assert (status.spent_tokens, status.reserved_tokens) == (100, 112 + 788)
+        second.release(held)
+    with _worker(url) as reader:  # closing handed every hold back
+        [status] = reader.budget_status()
+        assert (status.spent_tokens, status.reserved_tokens) == (100, 0)
+
+
+def test_a_call_costing_more_than_it_reserved_is_booked_at_once(url: str) -> None:
+    with _worker(url, flush_interval=3600) as first, _worker(url) as second:
+        _call(first, reserve=100, bill=500)  # no max_tokens: the answer ran long
+        [status] = second.budget_status()
+        assert status.spent_tokens == 500  # booked without waiting for a flush
+        with pytest.raises(BudgetExceededError):
+            second.reserve(model="m", prompt_tokens=501, max_output_tokens=0)
+
+
+def test_spend_is_booked_within_the_interval_while_calls_go_on(url: str) -> None:
+    with _worker(url, limit_tokens=1_000_000, flush_interval=0.05) as first, _worker(url) as other:
+        _call(first)
+        assert _ledger_view(other).spent_tokens == 0
+        time.sleep(0.1)
+        _call(first)  # due: this settlement books both calls
+        assert _ledger_view(other).spent_tokens == 200
+
+
+def test_a_closed_session_hands_back_its_hold(url: str) -> None:
+    with UsageTracker(url, prices=PRICES, flush_interval=3600) as tracker:
+        with tracker.session("s1", max_tokens=10_000):
+            _call(tracker)
+            [budget] = tracker.budgets
+            assert _ledger_view(tracker, budget, "s1").reserved_tokens > 0
+        status = _ledger_view(tracker, budget, "s1")
+        assert (status.spent_tokens, status.reserved_tokens) == (100, 0)
