@@ -15,7 +15,6 @@ from langchain_core.messages import AIMessage
 from usage_callbacks import UsageTracker
 from usage_callbacks.langchain import UsageCallbackHandler
 
-
 # The fake model calls next() from LangChain's executor threads: a Python generator would
 # raise "generator already executing" under concurrency; itertools.repeat is thread-safe.
 REPLY = AIMessage(
