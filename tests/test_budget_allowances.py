@@ -115,3 +115,20 @@ def test_a_closed_session_hands_back_its_hold(url: str) -> None:
             assert _ledger_view(tracker, budget, "s1").reserved_tokens > 0
         status = _ledger_view(tracker, budget, "s1")
         assert (status.spent_tokens, status.reserved_tokens) == (100, 0)
+
+
+def test_calls_priced_only_after_the_answer_are_held_by_their_typical_size(
+    url: str, renewals: list[int]
+) -> None:
+    """The model is named only in the response: the reservation prices at $0; the hold
+    still grows to the calls' real size after the first, and later calls fit in it."""
+    budget = Budget(limit_usd=1000, per="user", period="day")
+    with UsageTracker(url, budgets=[budget], prices=PRICES, flush_interval=3600) as worker:
+        for _ in range(30):
+            reservation = worker.reserve(model=None, prompt_tokens=100, user_id="ann")
+            worker.record(
+                TokenUsage(prompt_tokens=100), model="m", user_id="ann", reservation=reservation
+            )
+        assert len(renewals) <= 3
+        [status] = worker.budget_status()
+        assert status.spent_usd == Decimal("0.003")

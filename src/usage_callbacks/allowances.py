@@ -56,6 +56,8 @@ class _Lease:
     spent_pico: int = 0  # booked spend in the window at the last renewal
     spent_tokens: int = 0
     warned_until: datetime | None = None
+    largest_pico: int = 0  # the costliest call seen: sizes the slices asked for
+    largest_tokens: int = 0
 
     def room(self) -> tuple[int, int]:
         return (
@@ -105,25 +107,30 @@ class _Lease:
         amounts[1] += tokens
         self.unbooked_pico += pico
         self.unbooked_tokens += tokens
+        self.largest_pico = max(self.largest_pico, pico)
+        self.largest_tokens = max(self.largest_tokens, tokens)
 
     def expire(self, now: datetime) -> None:
         """Forget calls in flight past their expiry (their process, or thread, is gone)."""
         for key in [key for key, (_, _, expires) in self.inflight.items() if expires <= now]:
             self.drop(key)
 
-    def change(self, keep_slice: bool, need: tuple[int, int] = (0, 0)) -> LeaseChange:
-        keep_pico, keep_tokens = self.inflight_pico, self.inflight_tokens
-        if keep_slice:
-            room_pico, room_tokens = self.room()
-            keep_pico += max(room_pico, 0)
-            keep_tokens += max(room_tokens, 0)
+    def change(self, need: tuple[int, int], *, slices: bool, keep_spare: bool) -> LeaseChange:
+        """This lease's part of a renewal: book everything, keep calls in flight; with
+        ``slices`` ask for room ahead (sized by the larger of ``need`` and the largest call
+        seen), with ``keep_spare`` keep the unused room it has."""
+        room_pico, room_tokens = self.room() if keep_spare else (0, 0)
         return LeaseChange(
             charge=self.charge,
             bookings={bucket: (pico, tokens) for bucket, (pico, tokens) in self.unbooked.items()},
-            keep_pico=keep_pico,
-            keep_tokens=keep_tokens,
+            keep_pico=self.inflight_pico,
+            keep_tokens=self.inflight_tokens,
             need_pico=need[0],
             need_tokens=need[1],
+            spare_pico=max(room_pico, 0),
+            spare_tokens=max(room_tokens, 0),
+            unit_pico=max(need[0], self.largest_pico) if slices else 0,
+            unit_tokens=max(need[1], self.largest_tokens) if slices else 0,
         )
 
 
@@ -171,7 +178,7 @@ class BudgetAllowances:
             leases = self._leases_of(charges)
             renewal = None
             if not all(lease.fits(pico, tokens, now) for lease in leases):
-                renewal = self._renew(leases, now, need=(pico, tokens))
+                renewal = self._renew(leases, now, (pico, tokens), slices=True, keep_spare=False)
                 if renewal.refused is not None:
                     raise renewal.refused
             expires = now + self._ttl
@@ -221,7 +228,7 @@ class BudgetAllowances:
             if not leases:
                 return
             try:
-                self._renew(leases, now, keep_slice=False)
+                self._renew(leases, now, slices=False, keep_spare=False)
             except Exception:
                 logger.warning(
                     "returning the holds of budget %s failed", budget.label, exc_info=True
@@ -248,7 +255,7 @@ class BudgetAllowances:
         if not leases:
             return []
         try:
-            renewal = self._renew(leases, now, keep_slice=keep_slice)
+            renewal = self._renew(leases, now, slices=keep_slice, keep_spare=keep_slice)
         except Exception:
             logger.warning("booking spend against budgets failed; will retry", exc_info=True)
             return []
@@ -258,14 +265,15 @@ class BudgetAllowances:
         self,
         leases: list[_Lease],
         now: datetime,
-        *,
         need: tuple[int, int] = (0, 0),
-        keep_slice: bool = False,
+        *,
+        slices: bool,
+        keep_spare: bool,
     ) -> Renewal:
         """One ledger transaction; local state follows only what was committed."""
         for lease in leases:
             lease.expire(now)
-        changes = [lease.change(keep_slice, need) for lease in leases]
+        changes = [lease.change(need, slices=slices, keep_spare=keep_spare) for lease in leases]
         renewal = self._ledger.renew(self._lease_id, changes, now, self._ttl, self._policy)
         self._booked_at = time.monotonic()
         warned = {(w.budget.label, w.key) for w in renewal.warnings}

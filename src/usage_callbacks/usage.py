@@ -114,13 +114,19 @@ def _field(obj: Any, *path: str) -> Any:
     for key in path:
         if obj is None:
             return None
-        obj = obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+        # type() first: most payloads are plain dicts, and the ABC check is slower
+        if type(obj) is dict or isinstance(obj, Mapping):
+            obj = obj.get(key)
+        else:
+            obj = getattr(obj, key, None)
     return obj
 
 
 def _count(obj: Any, *path: str) -> int:
     """A token count from a provider payload, or 0 (with a warning) when unusable."""
     value = _field(obj, *path)
+    if type(value) is int and 0 <= value <= MAX_TOKENS_PER_CALL:
+        return value  # the usual case, before the checks for every odd shape below
     if value is None:
         return 0
     if isinstance(value, bool):

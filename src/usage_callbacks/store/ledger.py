@@ -431,15 +431,24 @@ class LeasePolicy:
 
 @dataclass(frozen=True)
 class LeaseChange:
-    """What a process books and asks of one charge in a renewal."""
+    """What a process books and asks of one charge in a renewal.
+
+    The new hold is ``keep + need + free``: ``free`` is the larger of ``spare`` (unused
+    room the process had and keeps) and a fresh slice sized by ``unit`` (its typical
+    call), never more than the headroom left.
+    """
 
     charge: Charge
     #: Spend to move from the hold to the counters: bucket start -> (pico, tokens).
     bookings: Mapping[datetime, tuple[int, int]]
-    keep_pico: int
-    keep_tokens: int
+    keep_pico: int = 0
+    keep_tokens: int = 0
     need_pico: int = 0
     need_tokens: int = 0
+    spare_pico: int = 0
+    spare_tokens: int = 0
+    unit_pico: int = 0
+    unit_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -506,21 +515,28 @@ def _grant(
     hold_pico, hold_tokens = change.keep_pico, change.keep_tokens
     if granted:
         limit_pico = None if budget.limit_usd is None else usd_to_pico(budget.limit_usd)
-        hold_pico += change.need_pico + _slice(
-            limit_pico, spent_pico + held_pico + hold_pico, change.need_pico, policy
+        hold_pico += change.need_pico + _free(
+            limit_pico,
+            spent_pico + held_pico + hold_pico + change.need_pico,
+            change.spare_pico,
+            change.unit_pico,
+            policy,
         )
-        hold_tokens += change.need_tokens + _slice(
+        hold_tokens += change.need_tokens + _free(
             budget.limit_tokens,
-            spent_tokens + held_tokens + hold_tokens,
-            change.need_tokens,
+            spent_tokens + held_tokens + hold_tokens + change.need_tokens,
+            change.spare_tokens,
+            change.unit_tokens,
             policy,
         )
     return Grant(hold_pico, hold_tokens, spent_pico, spent_tokens)
 
 
-def _slice(limit: int | None, in_use: int, need: int, policy: LeasePolicy) -> int:
-    """Extra room held ahead of need: a share of the headroom, capped in calls."""
-    if limit is None or need <= 0:
+def _free(limit: int | None, in_use: int, spare: int, unit: int, policy: LeasePolicy) -> int:
+    """Room held ahead of need: the spare kept or a fresh slice of the headroom (a share
+    of it, capped at ``max_calls`` typical calls), whichever is larger."""
+    if limit is None or policy.fraction == 0:
         return 0
-    headroom = limit - in_use - need
-    return max(0, min(int(headroom * policy.fraction), need * policy.max_calls))
+    headroom = limit - in_use
+    fresh = min(int(headroom * policy.fraction), unit * policy.max_calls)
+    return max(0, min(max(spare, fresh), headroom))
