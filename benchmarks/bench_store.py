@@ -18,7 +18,6 @@ from decimal import Decimal
 from pathlib import Path
 
 from usage_callbacks import Budget, BudgetExceededError, ModelPrice, TokenUsage, UsageTracker
-from usage_callbacks.store.models import UsageRecord
 
 Row = tuple[str, str, str, str]
 RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
@@ -29,52 +28,62 @@ def _usage(index: int) -> TokenUsage:
     return TokenUsage(prompt_tokens=100 + index % 900, completion_tokens=index % 300)
 
 
-def _raw_rows(records: list[UsageRecord]) -> list[tuple[object, ...]]:
-    """The same rows as plain tuples, converted once, for the raw baseline."""
-    return [
-        tuple(
-            value.isoformat()
-            if hasattr(value, "isoformat")
-            else str(value)
-            if isinstance(value, (Decimal, list))
-            else value
-            for value in record.row().values()
-        )
-        for record in records
-    ]
+def _raw_insert(path: Path, ddl: list[str], rows: list[tuple[object, ...]]) -> float:
+    """Rows per second for one sqlite3 executemany of ``rows`` in one transaction."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    for statement in ddl:
+        connection.execute(statement)
+    marks = ", ".join("?" * len(rows[0]))
+    started = time.perf_counter()
+    connection.execute("BEGIN")
+    connection.executemany(f"INSERT INTO usage_records VALUES ({marks})", rows)
+    connection.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return len(rows) / elapsed
 
 
 def bench_ingest(workdir: Path) -> list[Row]:
-    """N records through tracker.record() into SQLite vs raw executemany of the same rows."""
+    """N records through tracker.record() into SQLite vs raw executemany of the same rows.
+
+    The raw side inserts the rows our store wrote (read back, so nothing extra stays
+    alive while ours is timed) into the same table, indexes included, and, for
+    reference, into a bare table without the primary key and indexes.
+    """
     url = f"sqlite:///{workdir / 'ingest.db'}"
     tracker = UsageTracker(url, batch_size=5000)
     started = time.perf_counter()
-    sample: list[UsageRecord] = []
     for index in range(RECORDS):
-        record = tracker.record(
+        tracker.record(
             _usage(index), model=MODELS[index % 4], provider="openai", user_id=f"u{index % 97}"
         )
-        if index < 200_000:
-            sample.append(record)
     tracker.flush(timeout=None)
     ours = RECORDS / (time.perf_counter() - started)
     tracker.close()
 
-    rows = _raw_rows(sample)
-    columns = len(rows[0])
-    connection = sqlite3.connect(workdir / "raw.db", isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute(f"CREATE TABLE t ({', '.join(f'c{i}' for i in range(columns))})")
-    started = time.perf_counter()
-    connection.execute("BEGIN")
-    connection.executemany(f"INSERT INTO t VALUES ({', '.join('?' * columns)})", rows)
-    connection.execute("COMMIT")
-    raw = len(rows) / (time.perf_counter() - started)
-    connection.close()
+    with sqlite3.connect(workdir / "ingest.db") as source:
+        ddl = [
+            sql
+            for (sql,) in source.execute(
+                "SELECT sql FROM sqlite_master WHERE tbl_name = 'usage_records' AND sql NOT NULL"
+            )
+        ]
+        rows = source.execute("SELECT * FROM usage_records").fetchall()
+    columns = ", ".join(f"c{i}" for i in range(len(rows[0])))
+    same = _raw_insert(workdir / "raw.db", ddl, rows)
+    bare = _raw_insert(workdir / "bare.db", [f"CREATE TABLE usage_records ({columns})"], rows)
     return [
         ("ingest", "tracker.record -> SQLite, records/s", f"{ours:,.0f}", f"{RECORDS:,} records"),
-        ("ingest", "raw sqlite3 executemany, rows/s", f"{raw:,.0f}", "same rows, one transaction"),
-        ("ingest", "ratio ours/raw", f"{ours / raw:.2f}", "target >= 0.50"),
+        (
+            "ingest",
+            "raw sqlite3 executemany, same table, rows/s",
+            f"{same:,.0f}",
+            "one transaction",
+        ),
+        ("ingest", "ratio ours/raw (same table)", f"{ours / same:.2f}", "target >= 0.50"),
+        ("ingest", "raw executemany, bare table, rows/s", f"{bare:,.0f}", "no key, no index"),
+        ("ingest", "ratio ours/raw (bare table)", f"{ours / bare:.2f}", "for reference"),
     ]
 
 

@@ -130,3 +130,27 @@ def test_threads_price_consistently() -> None:
     for thread in threads:
         thread.join()
     assert len(results) == 3
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "cache_read"),
+    [
+        (199_000, 999, 0),  # just below the 200k tier: the base rate, computed linearly
+        (150_000, 60_000, 100_000),  # tokens in all past 200k: genai-prices' own calculation
+        (200_001, 10, 0),  # the prompt crosses the tier: every token at the higher rate
+        (12_345, 678, 9_000),
+    ],
+)
+def test_tiered_prices_are_exact_on_both_sides_of_the_tier(
+    prompt: int, completion: int, cache_read: int
+) -> None:
+    reference = Usage(input_tokens=prompt, output_tokens=completion, cache_read_tokens=cache_read)
+    expected = calc_price(reference, model_ref="claude-sonnet-4-5", provider_id="anthropic")
+    usage = TokenUsage(
+        prompt_tokens=prompt, completion_tokens=completion, cache_read_tokens=cache_read
+    )
+    pricer = Pricer()
+    for _ in range(2):  # the first call fills the cache; the second uses it
+        assert pricer.price(usage, "claude-sonnet-4-5", "anthropic").cost_usd == (
+            expected.total_price
+        )

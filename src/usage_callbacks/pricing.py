@@ -3,7 +3,9 @@
 genai-prices resolves a model's price in ~70 µs. Most prices are linear per token kind,
 so the per-token rates are asked of genai-prices once per (provider, model, day) and a
 call is then priced by a dot product in microseconds. Tiered prices (a rate that depends
-on the prompt length) are not linear and go through genai-prices' full calculation.
+on the prompt length) are linear below their first tier too: calls with fewer tokens in
+all than the first tier starts use the base rates; larger ones go through genai-prices'
+full calculation.
 """
 
 from __future__ import annotations
@@ -91,10 +93,18 @@ class PricedUsage:
 
 @dataclass(frozen=True)
 class _CatalogPrice:
-    """genai-prices' price for one model on one day: linear rates, or tiered."""
+    """genai-prices' price for one model on one day: linear rates, valid for calls whose
+    every token count is below ``tiered_from`` (None: no tiers, valid always); beyond
+    it, the tiered price goes through genai-prices' full calculation."""
 
-    rates: _Rates | None
+    rates: _Rates
     model_price: Any
+    tiered_from: int | None = None
+
+    def cost(self, usage: TokenUsage) -> Decimal:
+        if self.tiered_from is None or usage.total < self.tiered_from:
+            return self.rates.cost(usage)
+        return _tiered_cost(self.model_price, usage)
 
 
 #: When a model is sold by several providers and none was named, price it at its maker's.
@@ -128,21 +138,38 @@ def _catalog_price(model: str, provider: str | None, day: date) -> _CatalogPrice
         return None
     when = datetime(day.year, day.month, day.day, 12, tzinfo=timezone.utc)
     model_price = info.get_prices(when)
-    if any(isinstance(value, TieredPrices) for value in vars(model_price).values()):
-        return _CatalogPrice(rates=None, model_price=model_price)
+    tier_starts = [
+        tier.start
+        for value in vars(model_price).values()
+        if isinstance(value, TieredPrices)
+        for tier in value.tiers
+    ]
+    tiered_from = min(tier_starts) if tier_starts else None
+    # rates probed below every tier: the base rate of a tiered price is linear there
+    probe = min(1_000_000, tiered_from // 2) if tiered_from else 1_000_000
 
     def rate(**counts: int) -> Decimal:
-        return Decimal(model_price.calc_price(Usage(**counts))["total_price"]) / _MTOK
+        return Decimal(model_price.calc_price(Usage(**counts))["total_price"]) / probe
 
-    base = rate(input_tokens=1_000_000)
+    base = rate(input_tokens=probe)
     rates = _Rates(
         input=base,
-        output=rate(output_tokens=1_000_000),
-        cache_read=rate(input_tokens=1_000_000, cache_read_tokens=1_000_000),
-        cache_write=rate(input_tokens=1_000_000, cache_write_tokens=1_000_000),
+        output=rate(output_tokens=probe),
+        cache_read=rate(input_tokens=probe, cache_read_tokens=probe),
+        cache_write=rate(input_tokens=probe, cache_write_tokens=probe),
         embedding=base,
     )
-    return _CatalogPrice(rates=rates, model_price=None)
+    return _CatalogPrice(rates=rates, model_price=model_price, tiered_from=tiered_from)
+
+
+def _tiered_cost(model_price: Any, usage: TokenUsage) -> Decimal:
+    counts = Usage(
+        input_tokens=usage.prompt_tokens + usage.embedding_tokens,
+        output_tokens=usage.completion_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+    )
+    return Decimal(model_price.calc_price(counts)["total_price"])
 
 
 class Pricer:
@@ -168,9 +195,7 @@ class Pricer:
         catalog = self._catalog(model, provider)
         if catalog is None:
             return PricedUsage(Decimal(0), False)
-        if catalog.rates is not None:
-            return PricedUsage(catalog.rates.cost(usage), True)
-        return PricedUsage(self._tiered_cost(catalog.model_price, usage), True)
+        return PricedUsage(catalog.cost(usage), True)
 
     def _catalog(self, model: str, provider: str | None) -> _CatalogPrice | None:
         key = (model, provider, datetime.now(timezone.utc).date())
@@ -195,16 +220,6 @@ class Pricer:
                     model,
                 )
         return catalog
-
-    @staticmethod
-    def _tiered_cost(model_price: Any, usage: TokenUsage) -> Decimal:
-        counts = Usage(
-            input_tokens=usage.prompt_tokens + usage.embedding_tokens,
-            output_tokens=usage.completion_tokens,
-            cache_read_tokens=usage.cache_read_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-        )
-        return Decimal(model_price.calc_price(counts)["total_price"])
 
 
 _default_pricer = Pricer()
