@@ -159,17 +159,24 @@ class UsageRecord(SQLModel, table=True):
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> UsageRecord:
-        """A record from complete, already valid column values, built the way SQLAlchemy
-        builds loaded rows: ~50x cheaper than ``UsageRecord(**values)``, whose per-field
-        instrumentation dominated the tracker's hot path."""
+        """A detached snapshot of a call from complete, already valid column values; the
+        record takes ``values`` as its own ``__dict__``.
+
+        Skips validation and SQLAlchemy's per-instance state: fields read, serialize and
+        are written by the stores as usual, but the record is not for an ORM session.
+        ~10x cheaper than ``UsageRecord(**values)`` and with three fewer objects for the
+        garbage collector to trace while the record waits in the write queue.
+        """
         missing = _COLUMN_SET.difference(values)
         if missing:
             raise ValueError(f"from_values needs every column; missing {sorted(missing)}")
-        if not _MAPPER.configured:  # normal construction configures it; this path must too
+        if not _MAPPER.configured:  # the column descriptors reads go through
             sa.orm.configure_mappers()
-        record: UsageRecord = cls._sa_class_manager.new_instance()  # type: ignore[attr-defined]
-        record.__dict__.update(values)
+        record = object.__new__(cls)
+        object.__setattr__(record, "__dict__", values)
         object.__setattr__(record, "__pydantic_fields_set__", set(values))
+        object.__setattr__(record, "__pydantic_extra__", None)
+        object.__setattr__(record, "__pydantic_private__", None)
         return record
 
 
