@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm
 from sqlmodel import Field, SQLModel
 
-from usage_callbacks.usage import TokenUsage
+from usage_callbacks.usage import TokenUsage, trusted_instance
 
 PICO = Decimal(10) ** 12
 #: Bumped when tables change; a database without a version row is v0 (pre-release builds).
@@ -113,7 +113,6 @@ class UsageRecord(SQLModel, table=True):
         sa.Index("ix_usage_records_user_ended", "user_id", "ended_at"),
         sa.Index("ix_usage_records_session_ended", "session_id", "ended_at"),
         sa.Index("ix_usage_records_model_ended", "model", "ended_at"),
-        sa.Index("ix_usage_records_run_id", "run_id"),
     )
 
     id: str = Field(default_factory=new_record_id, primary_key=True, max_length=32)
@@ -172,12 +171,7 @@ class UsageRecord(SQLModel, table=True):
             raise ValueError(f"from_values needs every column; missing {sorted(missing)}")
         if not _MAPPER.configured:  # the column descriptors reads go through
             sa.orm.configure_mappers()
-        record = object.__new__(cls)
-        object.__setattr__(record, "__dict__", values)
-        object.__setattr__(record, "__pydantic_fields_set__", set(values))
-        object.__setattr__(record, "__pydantic_extra__", None)
-        object.__setattr__(record, "__pydantic_private__", None)
-        return record
+        return trusted_instance(cls, values)
 
 
 #: The TokenUsage columns: token counts, then cost, then the estimated flag.
