@@ -30,7 +30,7 @@ from usage_callbacks.store.ledger import (
     LeaseChange,
     LeasePolicy,
     Renewal,
-    bucket_start,
+    bucket_bounds,
 )
 from usage_callbacks.store.models import usd_to_pico
 
@@ -58,6 +58,8 @@ class _Lease:
     warned_until: datetime | None = None
     largest_pico: int = 0  # the costliest call seen: sizes the slices asked for
     largest_tokens: int = 0
+    #: the bucket the last spend went to, [start, end): most calls land in it too
+    bucket: tuple[datetime, datetime] | None = None
 
     def room(self) -> tuple[int, int]:
         return (
@@ -102,7 +104,10 @@ class _Lease:
         self.inflight_tokens -= tokens
 
     def spend(self, pico: int, tokens: int, at: datetime) -> None:
-        amounts = self.unbooked.setdefault(bucket_start(self.charge.budget, at), [0, 0])
+        bucket = self.bucket
+        if bucket is None or not bucket[0] <= at < bucket[1]:
+            bucket = self.bucket = bucket_bounds(self.charge.budget, at)
+        amounts = self.unbooked.setdefault(bucket[0], [0, 0])
         amounts[0] += pico
         amounts[1] += tokens
         self.unbooked_pico += pico

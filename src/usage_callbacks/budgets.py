@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,8 +77,9 @@ class Budget(BaseModel):
             raise ValueError("session_only budgets must have per='session'")
         return self
 
-    @property
+    @cached_property
     def label(self) -> str:
+        """The budget's name, or one made of its scope, period and limits (read per call)."""
         if self.name:
             return self.name
         limits = []

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from genai_prices import Usage, data_snapshot
 from genai_prices.types import TieredPrices
@@ -75,18 +75,22 @@ class _Rates:
     embedding: Decimal
 
     def cost(self, usage: TokenUsage) -> Decimal:
-        uncached = usage.prompt_tokens - usage.cache_read_tokens - usage.cache_write_tokens
-        return (
-            uncached * self.input
-            + usage.cache_read_tokens * self.cache_read
-            + usage.cache_write_tokens * self.cache_write
-            + usage.completion_tokens * self.output
-            + usage.embedding_tokens * self.embedding
-        )
+        counts = usage.__dict__
+        cache_read, cache_write = counts["cache_read_tokens"], counts["cache_write_tokens"]
+        cost = (counts["prompt_tokens"] - cache_read - cache_write) * self.input
+        # most calls have no cached or embedding part: skip those Decimal products
+        if cache_read:
+            cost += cache_read * self.cache_read
+        if cache_write:
+            cost += cache_write * self.cache_write
+        if counts["completion_tokens"]:
+            cost += counts["completion_tokens"] * self.output
+        if counts["embedding_tokens"]:
+            cost += counts["embedding_tokens"] * self.embedding
+        return cost
 
 
-@dataclass(frozen=True)
-class PricedUsage:
+class PricedUsage(NamedTuple):
     cost_usd: Decimal
     known: bool
 
@@ -184,27 +188,33 @@ class Pricer:
         self._warned: set[tuple[str, str | None]] = set()
 
     def price(
-        self, usage: TokenUsage, model: str | None, provider: str | None = None
+        self,
+        usage: TokenUsage,
+        model: str | None,
+        provider: str | None = None,
+        at: datetime | None = None,
     ) -> PricedUsage:
-        """Cost in USD; unknown models cost 0 with ``known=False`` and never raise."""
+        """Cost in USD at the prices of ``at`` (default now); unknown models cost 0 with
+        ``known=False`` and never raise."""
         if not model:
-            return PricedUsage(Decimal(0), False)
-        override = self._overrides.lookup(model, provider)
-        if override is not None:
-            return PricedUsage(override.rates().cost(usage), True)
-        catalog = self._catalog(model, provider)
+            return _UNPRICED
+        if self._overrides.prices:
+            override = self._overrides.lookup(model, provider)
+            if override is not None:
+                return PricedUsage(override.rates().cost(usage), True)
+        catalog = self._catalog(model, provider, (at or datetime.now(timezone.utc)).date())
         if catalog is None:
-            return PricedUsage(Decimal(0), False)
+            return _UNPRICED
         return PricedUsage(catalog.cost(usage), True)
 
-    def _catalog(self, model: str, provider: str | None) -> _CatalogPrice | None:
-        key = (model, provider, datetime.now(timezone.utc).date())
+    def _catalog(self, model: str, provider: str | None, day: date) -> _CatalogPrice | None:
+        key = (model, provider, day)
         try:
             return self._cache[key]
         except KeyError:
             pass
         try:
-            catalog = _catalog_price(model, provider, key[2])
+            catalog = _catalog_price(model, provider, day)
         except Exception:
             logger.warning("genai-prices failed for model %r", model, exc_info=True)
             catalog = None
@@ -222,6 +232,7 @@ class Pricer:
         return catalog
 
 
+_UNPRICED = PricedUsage(Decimal(0), False)
 _default_pricer = Pricer()
 
 

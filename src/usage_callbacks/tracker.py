@@ -210,7 +210,7 @@ class UsageTracker:
             output = self.default_output_allowance
         else:
             output = max_output_tokens
-        estimate = TokenUsage(
+        estimate = TokenUsage(  # validated: the counts may come from a caller
             prompt_tokens=prompt_tokens,
             completion_tokens=output,
             embedding_tokens=embedding_tokens,
@@ -305,7 +305,7 @@ class UsageTracker:
         if cache_hit:
             values.update(_NOTHING_BILLED)
         elif usage.cost_estimate_usd == 0 and usage.total > 0:
-            priced = self.pricer.price(usage, model, provider)
+            priced = self.pricer.price(usage, model, provider, ended_at)
             values["cost_estimate_usd"] = priced.cost_usd
             values["cost_known"] = priced.known
         if sessions:

@@ -263,14 +263,17 @@ register_session_hook(_capture_in_session)
 def _model_name(
     params: dict[str, Any], metadata: dict[str, Any], serialized: dict[str, Any] | None
 ) -> str | None:
-    for source in (params, {"model": metadata.get("ls_model_name")}):
-        for key in _MODEL_PARAMS:
-            value = source.get(key)
-            if isinstance(value, str) and value:
-                return value
-    serialized_kwargs = (serialized or {}).get("kwargs") or {}
-    for key in _MODEL_PARAMS:
-        value = serialized_kwargs.get(key)
+    """The requested model: invocation params, then LangSmith metadata, then the
+    serialized constructor arguments."""
+    found = _first_string(params, _MODEL_PARAMS) or _first_string(metadata, ("ls_model_name",))
+    if found is None and serialized:
+        found = _first_string(serialized.get("kwargs") or {}, _MODEL_PARAMS)
+    return found
+
+
+def _first_string(source: dict[str, Any], keys: Sequence[str]) -> str | None:
+    for key in keys:
+        value = source.get(key)
         if isinstance(value, str) and value:
             return value
     return None
@@ -306,11 +309,14 @@ def _estimate_prompt(state: RunState) -> TokenUsage:
 def _generations(response: LLMResult | None) -> list[Any]:
     if response is None:
         return []
-    return [generation for batch in response.generations for generation in batch]
+    batches = response.generations
+    if len(batches) == 1:  # the usual single prompt: no flattening
+        return batches[0]
+    return [generation for batch in batches for generation in batch]
 
 
-def _response_model(response: LLMResult | None) -> str | None:
-    for generation in _generations(response):
+def _response_model(response: LLMResult | None, generations: list[Any]) -> str | None:
+    for generation in generations:
         message = getattr(generation, "message", None)
         metadata = getattr(message, "response_metadata", None) or {}
         for key in ("model_name", "model", "model_id"):
@@ -321,29 +327,35 @@ def _response_model(response: LLMResult | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _is_cache_hit(response: LLMResult | None) -> bool:
+def _usage_metadata(generation: Any) -> dict[str, Any] | None:
+    """The ``usage_metadata`` of a chat generation's AIMessage, if it has one."""
+    message = getattr(generation, "message", None)
+    if not isinstance(message, AIMessage):
+        return None
+    usage = message.usage_metadata
+    return usage if isinstance(usage, dict) else None
+
+
+def _is_cache_hit(generations: list[Any]) -> bool:
     """langchain-core marks replayed cached generations with ``total_cost: 0``."""
-    for generation in _generations(response):
-        message = getattr(generation, "message", None)
-        usage = getattr(message, "usage_metadata", None)
-        if isinstance(usage, dict) and usage.get("total_cost") == 0:
+    for generation in generations:
+        usage = _usage_metadata(generation)
+        if usage is not None and usage.get("total_cost") == 0:
             return True
     return False
 
 
-def _reported_usage(response: LLMResult | None) -> TokenUsage | None:
+def _reported_usage(response: LLMResult | None, generations: list[Any]) -> TokenUsage | None:
     """Provider numbers, from the most specific place LangChain put them."""
-    generations = _generations(response)
     # n > 1: every generation carries the same whole-request usage; count it once.
     distinct: list[dict[str, Any]] = []
     for generation in generations:
-        message = getattr(generation, "message", None)
-        usage = getattr(message, "usage_metadata", None) if isinstance(message, AIMessage) else None
+        usage = _usage_metadata(generation)
         if usage and usage not in distinct:
-            distinct.append(dict(usage))
+            distinct.append(usage)
     if distinct:
         first, *rest = (usage_from_langchain(usage) for usage in distinct)
-        return sum(rest, first)
+        return sum(rest, first) if rest else first
     llm_output = (response.llm_output if response else None) or {}
     for key in ("token_usage", "usage"):
         found = normalize_usage(llm_output.get(key))
@@ -360,12 +372,12 @@ def _reported_usage(response: LLMResult | None) -> TokenUsage | None:
     return None
 
 
-def _estimate(state: RunState, response: LLMResult | None) -> TokenUsage:
+def _estimate(state: RunState, generations: list[Any]) -> TokenUsage:
     """tiktoken over the prompt and whatever text came back or was streamed."""
     prompt = state.prompt_estimate or _estimate_prompt(state)
     texts = [
         message_text(getattr(getattr(g, "message", None), "content", None)) or g.text
-        for g in _generations(response)
+        for g in generations
     ]
     if not any(texts):
         texts = ["".join(state.streamed)]
@@ -379,15 +391,12 @@ def _record(
     response: LLMResult | None,
     error: BaseException | None,
 ) -> None:
-    cache_hit = error is None and _is_cache_hit(response)
-    usage = _reported_usage(response)
-    if (
-        usage is None
-        and not cache_hit
-        and (error is None or state.streamed or _generations(response))
-    ):
-        usage = _estimate(state, response)
-    model = _response_model(response) or state.model or UNKNOWN_MODEL
+    generations = _generations(response)
+    cache_hit = error is None and _is_cache_hit(generations)
+    usage = _reported_usage(response, generations)
+    if usage is None and not cache_hit and (error is None or state.streamed or generations):
+        usage = _estimate(state, generations)
+    model = _response_model(response, generations) or state.model or UNKNOWN_MODEL
     tracker.record_run(state, usage or TokenUsage(), model=model, error=error, cache_hit=cache_hit)
 
 

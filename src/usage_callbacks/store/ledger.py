@@ -168,13 +168,19 @@ class BudgetStatus:
 
 def bucket_start(budget: Budget, now: datetime) -> datetime:
     """The counter row a spend at ``now`` is booked into."""
-    start, _ = budget.window(now)
+    return bucket_bounds(budget, now)[0]
+
+
+def bucket_bounds(budget: Budget, now: datetime) -> tuple[datetime, datetime]:
+    """The start and end of the counter bucket that holds ``now``."""
+    start, end = budget.window(now)
     if not budget.is_rolling:
-        return start
+        return start, end
     assert isinstance(budget.period, timedelta)
     width = max(budget.period / 60, timedelta(seconds=1))
     epoch = datetime(2000, 1, 1, tzinfo=now.tzinfo)
-    return epoch + ((now - epoch) // width) * width
+    start = epoch + ((now - epoch) // width) * width
+    return start, start + width
 
 
 def _first_bucket(budget: Budget, now: datetime) -> datetime:

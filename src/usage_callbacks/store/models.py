@@ -82,7 +82,19 @@ def _sqlite_utc_text(value: datetime | None) -> str | None:
         raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
     if value.tzinfo is not timezone.utc:
         value = value.astimezone(timezone.utc)
-    return value.isoformat(" ", "microseconds")[:-6]  # without "+00:00"
+    # %-formatting the fields is a third faster than isoformat() of an aware datetime
+    return _SQLITE_DATETIME % (
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
+
+
+_SQLITE_DATETIME = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
 
 
 class _RecordIds:
@@ -166,9 +178,12 @@ class UsageRecord(SQLModel, table=True):
         ~10x cheaper than ``UsageRecord(**values)`` and with three fewer objects for the
         garbage collector to trace while the record waits in the write queue.
         """
-        missing = _COLUMN_SET.difference(values)
-        if missing:
-            raise ValueError(f"from_values needs every column; missing {sorted(missing)}")
+        if len(values) != len(_COLUMN_SET):  # cheap; the set difference only on error
+            names = set(values)
+            raise ValueError(
+                f"from_values needs exactly the columns; missing {sorted(_COLUMN_SET - names)}, "
+                f"unknown {sorted(names - _COLUMN_SET)}"
+            )
         if not _MAPPER.configured:  # the column descriptors reads go through
             sa.orm.configure_mappers()
         return trusted_instance(cls, values)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import operator
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, select
@@ -27,13 +25,13 @@ from usage_callbacks.store.base import (
 )
 from usage_callbacks.store.ledger import BudgetLedger
 from usage_callbacks.store.models import (
-    RECORD_COLUMNS,
     SCHEMA_VERSION,
     USAGE_COLUMNS,
     SchemaInfo,
     UsageRecord,
     pico_to_usd,
 )
+from usage_callbacks.store.sqlite_insert import SqliteBulkInsert
 from usage_callbacks.usage import TokenUsage
 
 logger = logging.getLogger("usage_callbacks")
@@ -111,7 +109,9 @@ class SqlStore:
         self.dialect = self.engine.dialect.name
         self._ensure_schema()
         self.ledger = BudgetLedger(self.engine, self.lock)
-        self._positional_insert = self._compile_positional_insert()
+        self._bulk_insert = (
+            SqliteBulkInsert(self.engine.dialect) if self.dialect == "sqlite" else None
+        )
 
     # ------------------------------------------------------------------ schema
 
@@ -168,41 +168,13 @@ class SqlStore:
     def write(self, records: Sequence[UsageRecord]) -> None:
         if not records:
             return
-        if self._positional_insert is not None:
-            with self.engine.begin() as connection:
-                connection.exec_driver_sql(
-                    self._positional_insert.sql, self._positional_insert.rows(records)
-                )
-            return
-        table = UsageRecord.__table__  # type: ignore[attr-defined]
-        statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
         with self.engine.begin() as connection:
+            if self._bulk_insert is not None:
+                self._bulk_insert.execute(connection, records)
+                return
+            table = UsageRecord.__table__  # type: ignore[attr-defined]
+            statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
             connection.execute(statement, [record.row() for record in records])
-
-    def _compile_positional_insert(self) -> _PositionalInsert | None:
-        """SQLite's insert, compiled once with each column type's own bind processor.
-
-        executemany over plain tuples skips SQLAlchemy's per-row parameter assembly,
-        which cost as much as SQLite itself in the ingest benchmark.
-        """
-        if self.dialect != "sqlite":
-            return None
-        table = UsageRecord.__table__  # type: ignore[attr-defined]
-        statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=["id"])
-        compiled = statement.compile(dialect=self.engine.dialect, column_keys=list(RECORD_COLUMNS))
-        names = tuple(compiled.positiontup or ())
-        dialect = self.engine.dialect
-        converters = []
-        for index, name in enumerate(names):
-            column_type = table.c[name].type
-            if isinstance(column_type, sa.Boolean):
-                continue  # sqlite3 binds bool as the integer SQLAlchemy would write
-            process = column_type.dialect_impl(dialect).bind_processor(dialect)
-            if isinstance(column_type, sa.JSON) and process is not None:
-                process = _empty_list_shortcut(process)
-            if process is not None:
-                converters.append((index, process))
-        return _PositionalInsert(compiled.string, operator.itemgetter(*names), tuple(converters))
 
     def purge(self, before: datetime) -> int:
         with self.engine.begin() as connection:
@@ -378,36 +350,6 @@ class SqlStore:
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-def _empty_list_shortcut(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Most records carry no tags: skip json.dumps for the empty list."""
-    empty = process([])
-
-    def convert(value: Any) -> Any:
-        return empty if value == [] else process(value)
-
-    return convert
-
-
-@dataclass(frozen=True)
-class _PositionalInsert:
-    """A compiled INSERT and how to turn records into its positional parameter rows."""
-
-    sql: str
-    values: Callable[[dict[str, Any]], tuple[Any, ...]]
-    converters: tuple[tuple[int, Callable[[Any], Any]], ...]
-
-    def rows(self, records: Sequence[UsageRecord]) -> list[tuple[Any, ...]]:
-        """Column values in statement order, converted by the columns' bind processors."""
-        values, converters = self.values, self.converters
-        rows = []
-        for record in records:
-            row = list(values(record.__dict__))
-            for index, process in converters:
-                row[index] = process(row[index])
-            rows.append(tuple(row))
-        return rows
 
 
 #: Summed per group; cost last (it is summed as integer pico-USD).
