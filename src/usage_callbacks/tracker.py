@@ -298,36 +298,35 @@ class UsageTracker:
         sessions = self._sessions(sessions)
         if sessions:
             user_id, session_id = self._defaults(user_id, session_id, sessions)
+            tags = [*(tags or ()), *(tag for session in sessions for tag in session.tags)]
         ended_at = ended_at or utcnow()
-        values = dict(usage.__dict__)  # the TokenUsage fields, read without validation
-        values["total_tokens"] = usage.total
-        values["cost_known"] = True
+        values = {
+            **usage.__dict__,  # the TokenUsage fields, read without validation
+            "total_tokens": usage.total,
+            "cost_known": True,
+            "id": new_record_id(),
+            "started_at": started_at or ended_at,
+            "ended_at": ended_at,
+            "latency_ms": latency_ms,
+            "framework": framework,
+            "provider": provider,
+            "model": model,
+            "call_type": call_type,
+            "run_id": None if run_id is None else str(run_id),
+            "parent_run_id": None if parent_run_id is None else str(parent_run_id),
+            "session_id": session_id,
+            "user_id": user_id,
+            "tags": list(dict.fromkeys(tags)) if tags else [],
+            "status": status,
+            "error_type": error_type,
+            "cache_hit": cache_hit,
+        }
         if cache_hit:
             values.update(_NOTHING_BILLED)
         elif usage.cost_estimate_usd == 0 and usage.total > 0:
             priced = self.pricer.price(usage, model, provider, ended_at)
             values["cost_estimate_usd"] = priced.cost_usd
             values["cost_known"] = priced.known
-        if sessions:
-            tags = [*(tags or ()), *(tag for session in sessions for tag in session.tags)]
-        values.update(
-            id=new_record_id(),
-            started_at=started_at or ended_at,
-            ended_at=ended_at,
-            latency_ms=latency_ms,
-            framework=framework,
-            provider=provider,
-            model=model,
-            call_type=call_type,
-            run_id=None if run_id is None else str(run_id),
-            parent_run_id=None if parent_run_id is None else str(parent_run_id),
-            session_id=session_id,
-            user_id=user_id,
-            tags=list(dict.fromkeys(tags)) if tags else [],
-            status=status,
-            error_type=error_type,
-            cache_hit=cache_hit,
-        )
         record = UsageRecord.from_values(values)
         self._settle(record, sessions, reservation)
         for session in sessions:

@@ -255,6 +255,18 @@ def usage_from_anthropic(usage: Any) -> TokenUsage:
 
 def usage_from_langchain(usage_metadata: Any) -> TokenUsage:
     """LangChain ``UsageMetadata`` (input includes cache parts; output includes reasoning)."""
+    if type(usage_metadata) is dict and not (
+        usage_metadata.get("input_token_details") or usage_metadata.get("output_token_details")
+    ):  # the common shape, read without the per-field checks of _count for odd values
+        prompt = usage_metadata.get("input_tokens")
+        completion = usage_metadata.get("output_tokens")
+        if (
+            type(prompt) is int
+            and type(completion) is int
+            and 0 <= prompt <= MAX_TOKENS_PER_CALL
+            and 0 <= completion <= MAX_TOKENS_PER_CALL
+        ):
+            return build_usage(prompt=prompt, completion=completion)
     return build_usage(
         prompt=_count(usage_metadata, "input_tokens"),
         completion=_count(usage_metadata, "output_tokens"),

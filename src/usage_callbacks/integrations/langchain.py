@@ -165,7 +165,6 @@ class UsageCallbackHandler(BaseCallbackHandler):
             tags=list(self.tags),
             sessions=tuple(s for s in active_sessions() if s.tracker is tracker),
             inputs=inputs,
-            extra={"max_tokens": _max_tokens(params)},
         )
         state, is_new = tracker.runs.start(state)
         if not is_new:  # a session's handler got here first: explicit settings win
@@ -179,7 +178,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
                 model=state.model,
                 provider=state.provider,
                 prompt_tokens=state.prompt_estimate.prompt_tokens,
-                max_output_tokens=state.extra["max_tokens"],
+                max_output_tokens=_max_tokens(params),
                 user_id=state.user_id,
                 session_id=state.session_id,
                 sessions=state.sessions,
