@@ -82,7 +82,8 @@ class BatchWriter:
                     )
                 if len(self._pending) > self._max_buffer:
                     self._spill_oldest()
-            if len(self._pending) >= self._batch_size:
+            if len(self._pending) == self._batch_size:
+                # once per batch: a writer still busy looks at the queue before it waits
                 self._condition.notify_all()
 
     def _spill_oldest(self) -> None:
