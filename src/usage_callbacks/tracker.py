@@ -372,10 +372,13 @@ class UsageTracker:
     def _settle(
         self, record: UsageRecord, sessions: Sequence[UsageSession], reservation: Reservation | None
     ) -> None:
-        if not self.has_budgets and reservation is None:
+        if reservation is not None:
+            charges = reservation.charges
+        elif self.has_budgets:
+            scope = self._scope(record.model, record.user_id, record.session_id, sessions)
+            charges = self._charges(scope)
+        else:
             return
-        scope = self._scope(record.model, record.user_id, record.session_id, sessions)
-        charges = reservation.charges if reservation is not None else self._charges(scope)
         if not charges:
             return
         warnings = self._allowances.settle(
