@@ -31,11 +31,13 @@ from usage_callbacks.store.ledger import BudgetStatus, Charge, LeasePolicy
 from usage_callbacks.store.models import UsageRecord, new_record_id, usd_to_pico, utcnow
 from usage_callbacks.store.spill import SpillFile, ingest_file
 from usage_callbacks.store.writer import BatchWriter
-from usage_callbacks.usage import CallType, TokenUsage
+from usage_callbacks.usage import MAX_TOKENS_PER_CALL, CallType, TokenUsage, build_usage
 
 logger = logging.getLogger("usage_callbacks")
 
 DEFAULT_OUTPUT_ALLOWANCE = 1024
+#: Call scopes whose charges are remembered (users x sessions x models seen lately).
+_MAX_REMEMBERED_SCOPES = 4096
 
 
 class UsageExporter(Protocol):
@@ -114,6 +116,8 @@ class UsageTracker:
         self._budgets: list[Budget] = []
         self._session_budgets: dict[str, Budget] = {}
         self._budget_lock = threading.Lock()
+        #: the charges of each call scope seen, until the budgets change
+        self._charges_by_scope: dict[CallScope, tuple[Charge, ...]] = {}
         for budget in budgets:
             self.add_budget(budget)
         self._exporters: list[UsageExporter] = list(exporters)
@@ -142,6 +146,7 @@ class UsageTracker:
                     f"a budget labelled {budget.label!r} exists; give one of them a name="
                 )
             self._budgets.append(budget)
+            self._charges_by_scope = {}
         try:
             self.store.ledger.register(budget)
         except Exception:
@@ -158,12 +163,19 @@ class UsageTracker:
         return bool(self._budgets or self._session_budgets)
 
     def _charges(self, scope: CallScope) -> tuple[Charge, ...]:
-        charges = []
-        for budget in self.budgets:
-            key = budget.scope_key(scope)
-            if key is not None:
-                charges.append(Charge(budget, key))
-        return tuple(charges)
+        """The budgets a call spends from, remembered per scope (asked twice a call)."""
+        known = self._charges_by_scope
+        charges = known.get(scope)
+        if charges is None:
+            charges = tuple(
+                Charge(budget, key)
+                for budget in self.budgets
+                if (key := budget.scope_key(scope)) is not None
+            )
+            if len(known) >= _MAX_REMEMBERED_SCOPES:
+                known.clear()
+            known[scope] = charges
+        return charges
 
     def _scope(
         self,
@@ -210,10 +222,10 @@ class UsageTracker:
             output = self.default_output_allowance
         else:
             output = max_output_tokens
-        estimate = TokenUsage(  # validated: the counts may come from a caller
-            prompt_tokens=prompt_tokens,
-            completion_tokens=output,
-            embedding_tokens=embedding_tokens,
+        estimate = build_usage(
+            prompt=_token_count("prompt_tokens", prompt_tokens),
+            completion=_token_count("max_output_tokens", output),
+            embedding=_token_count("embedding_tokens", embedding_tokens),
             estimated=True,
         )
         usd = self.pricer.price(estimate, model, provider).cost_usd
@@ -445,6 +457,7 @@ class UsageTracker:
             )
             with self._budget_lock:
                 self._session_budgets[session.session_id] = budget
+                self._charges_by_scope = {}
         return session
 
     def forget_session(self, session: UsageSession) -> None:
@@ -453,6 +466,7 @@ class UsageTracker:
             return  # still open in this context (re-entered)
         with self._budget_lock:
             budget = self._session_budgets.pop(session.session_id, None)
+            self._charges_by_scope = {}
         if budget is not None:
             self._allowances.forget(budget, utcnow())
 
@@ -526,6 +540,13 @@ class UsageTracker:
 _NOTHING_BILLED = {name: 0 for name in TokenUsage.model_fields if name.endswith("_tokens")} | {
     "cost_estimate_usd": Decimal(0)
 }
+
+
+def _token_count(name: str, value: int) -> int:
+    """A caller's token count, checked as TokenUsage would check it."""
+    if type(value) is not int or not 0 <= value <= MAX_TOKENS_PER_CALL:
+        raise ValueError(f"{name} must be an int from 0 to {MAX_TOKENS_PER_CALL}, not {value!r}")
+    return value
 
 
 def _announce(warning: BudgetWarning) -> None:
