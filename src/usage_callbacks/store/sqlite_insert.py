@@ -12,6 +12,7 @@ once and kept in sqlite3's statement cache, serve every batch size.
 from __future__ import annotations
 
 import operator
+import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,8 +21,8 @@ from sqlalchemy.dialects import sqlite
 
 from usage_callbacks.store.models import RECORD_COLUMNS, UsageRecord
 
-#: Rows per statement at most: 256 x 27 columns stays far below SQLite's 32,766 variables.
-MAX_ROWS_PER_STATEMENT = 256
+#: Rows per statement at most; fewer where SQLite allows fewer bound variables.
+MAX_ROWS_PER_STATEMENT = 1024
 
 Converter = Callable[[Any], Any]
 
@@ -39,13 +40,14 @@ class SqliteBulkInsert:
         self._values = operator.itemgetter(*names)
         self._converters = tuple(_converters(table, names, dialect))
         self._statements: dict[int, str] = {}
+        self._max_rows = _max_rows(len(names))
 
     def execute(self, connection: sa.Connection, records: Sequence[UsageRecord]) -> None:
         """Insert ``records`` (already stored ids are skipped) in the open transaction."""
         cursor = connection.connection.cursor()
         try:
             start = 0
-            for size in _chunk_sizes(len(records)):
+            for size in _chunk_sizes(len(records), self._max_rows):
                 cursor.execute(
                     self._statement(size), self.parameters(records[start : start + size])
                 )
@@ -73,11 +75,21 @@ class SqliteBulkInsert:
         return sql
 
 
-def _chunk_sizes(count: int) -> list[int]:
+def _max_rows(columns: int) -> int:
+    """The largest power of two of rows whose variables SQLite accepts in one statement
+    (32,766 since SQLite 3.32, 999 before)."""
+    variables = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+    rows = MAX_ROWS_PER_STATEMENT
+    while rows > 1 and rows * columns > variables:
+        rows //= 2
+    return rows
+
+
+def _chunk_sizes(count: int, largest: int) -> list[int]:
     """Full chunks, then the remainder as powers of two (few distinct statements)."""
-    sizes = [MAX_ROWS_PER_STATEMENT] * (count // MAX_ROWS_PER_STATEMENT)
-    remainder = count % MAX_ROWS_PER_STATEMENT
-    size = MAX_ROWS_PER_STATEMENT
+    sizes = [largest] * (count // largest)
+    remainder = count % largest
+    size = largest
     while remainder:
         size //= 2
         if remainder >= size:
