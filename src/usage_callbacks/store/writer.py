@@ -1,6 +1,9 @@
 """Batched, off-thread writes so the callback hot path does no disk or network I/O.
 
 A record waits at most ``max_delay`` seconds or until ``batch_size`` records are queued.
+Submitting is a lock-free append (the deque is thread-safe): taking the writer's lock on
+every call let the writer thread, pre-empted while holding it, stall the caller for
+milliseconds. The writer polls every ``max_delay`` and is woken for full batches.
 Failed batches stay queued and are retried with backoff. The queue is bounded by
 ``max_buffer``: when it is full, a healthy store makes the producer wait (backpressure);
 a failing one gets the oldest batch spilled to a local JSONL file, re-ingested as soon
@@ -49,12 +52,10 @@ class BatchWriter:
         self._max_delay = max_delay
         self._max_buffer = max_buffer
         self._spill = spill or SpillFile(default_spill_path())
-        self._pending: deque[UsageRecord] = deque()
+        self._pending: deque[UsageRecord] = deque()  # appended to without the lock
         self._condition = threading.Condition()
-        self._written = 0  # records handed over so far, for flush() to wait on
-        self._enqueued = 0
+        self._written = 0  # records written or spilled so far, for flush() to wait on
         self._inflight: list[UsageRecord] = []
-        self._oldest_at = 0.0
         self._flush_requested = False
         self._closed = False
         self._failures = 0
@@ -65,12 +66,15 @@ class BatchWriter:
         self._thread.start()
 
     def submit(self, record: UsageRecord) -> None:
+        pending = self._pending
+        pending.append(record)
+        queued = len(pending)
+        if queued % self._batch_size == 0 or queued > self._max_buffer:
+            self._wake_or_wait()
+
+    def _wake_or_wait(self) -> None:
+        """A full batch wakes the writer; a full buffer makes the caller wait or spill."""
         with self._condition:
-            if not self._pending:
-                self._oldest_at = time.monotonic()
-                self._condition.notify_all()  # start the age clock in the writer
-            self._pending.append(record)
-            self._enqueued += 1
             if len(self._pending) > self._max_buffer:
                 # A healthy but slower store pushes back on the producer; only a failing
                 # one (or a stall past the limit) sends records to the spill file.
@@ -82,8 +86,7 @@ class BatchWriter:
                     )
                 if len(self._pending) > self._max_buffer:
                     self._spill_oldest()
-            if len(self._pending) == self._batch_size:
-                # once per batch: a writer still busy looks at the queue before it waits
+            if len(self._pending) >= self._batch_size:
                 self._condition.notify_all()
 
     def _spill_oldest(self) -> None:
@@ -117,7 +120,8 @@ class BatchWriter:
         """Block until everything submitted so far is written; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
-            target = self._enqueued
+            # the writer moves records between these under the lock: a consistent count
+            target = self._written + len(self._inflight) + len(self._pending)
             while self._written < target:
                 self._flush_requested = True
                 self._condition.notify_all()
@@ -141,26 +145,29 @@ class BatchWriter:
             return len(self._pending) + len(self._inflight)
 
     def _next_batch(self) -> list[UsageRecord] | None:
-        """Wait for a full batch, an old enough record, a flush or close; None means stop."""
+        """Wait for a full batch, the end of a ``max_delay`` round with records queued, a
+        flush or close; None means stop. A record queued during a round is written at
+        its end at the latest."""
         with self._condition:
+            started = time.monotonic()
             while True:
+                due = time.monotonic() - started >= self._max_delay
                 if self._pending and (
-                    self._closed
+                    due
+                    or self._closed
                     or self._flush_requested
                     or len(self._pending) >= self._batch_size
-                    or time.monotonic() - self._oldest_at >= self._max_delay
                 ):
                     break
                 if self._closed:
                     return None
-                if self._pending:
-                    self._condition.wait(self._max_delay - (time.monotonic() - self._oldest_at))
-                else:
+                if not self._pending:
                     self._flush_requested = False
-                    self._condition.wait()
+                if due:  # an empty round: start the next
+                    started = time.monotonic()
+                self._condition.wait(self._max_delay - (time.monotonic() - started))
             count = min(self._batch_size, len(self._pending))
             self._inflight = [self._pending.popleft() for _ in range(count)]
-            self._oldest_at = time.monotonic()
             return self._inflight
 
     def _reingest_spill(self) -> None:
