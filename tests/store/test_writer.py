@@ -91,7 +91,8 @@ def test_flush_times_out_while_the_store_is_down_and_close_spills(tmp_path: Path
 
 def test_concurrent_submitters_lose_nothing() -> None:
     store = _RecordingStore()
-    writer = BatchWriter(store, batch_size=64, max_delay=0.01)
+    # an hour's max_delay: only full batches and flush() write; a small buffer pushes back
+    writer = BatchWriter(store, batch_size=64, max_delay=3600, max_buffer=256)
 
     def submit_many() -> None:
         for _ in range(500):
@@ -105,6 +106,7 @@ def test_concurrent_submitters_lose_nothing() -> None:
     assert writer.flush(timeout=30)
     ids = [i for batch in store.batches for i in batch]
     assert len(ids) == len(set(ids)) == 8000
+    assert writer.pending == 0
     writer.close()
 
 
@@ -180,3 +182,4 @@ def test_a_stalled_but_healthy_store_gets_its_spilled_records_back(
     written = [record_id for batch in store.batches for record_id in batch]
     assert sorted(written) == sorted(record.id for record in records)
     assert not spill.exists()
+
