@@ -182,4 +182,3 @@ def test_a_stalled_but_healthy_store_gets_its_spilled_records_back(
     written = [record_id for batch in store.batches for record_id in batch]
     assert sorted(written) == sorted(record.id for record in records)
     assert not spill.exists()
-
