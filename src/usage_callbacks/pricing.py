@@ -75,9 +75,9 @@ class _Rates:
     embedding: Decimal
 
     def cost(self, usage: TokenUsage) -> Decimal:
-        counts = usage.__dict__
+        counts: dict[str, int] = usage.__dict__
         cache_read, cache_write = counts["cache_read_tokens"], counts["cache_write_tokens"]
-        cost = (counts["prompt_tokens"] - cache_read - cache_write) * self.input
+        cost: Decimal = (counts["prompt_tokens"] - cache_read - cache_write) * self.input
         # most calls have no cached or embedding part: skip those Decimal products
         if cache_read:
             cost += cache_read * self.cache_read

@@ -331,7 +331,7 @@ def _usage_metadata(generation: Any) -> dict[str, Any] | None:
     message = getattr(generation, "message", None)
     if not isinstance(message, AIMessage):
         return None
-    usage = message.usage_metadata
+    usage: Any = message.usage_metadata
     return usage if isinstance(usage, dict) else None
 
 

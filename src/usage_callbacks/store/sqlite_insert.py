@@ -111,12 +111,12 @@ def _converters(
     table: sa.Table, names: Sequence[str], dialect: sa.Dialect
 ) -> list[tuple[int, Converter]]:
     """(position, bind processor) for the columns whose values SQLite cannot take as is."""
-    converters = []
+    converters: list[tuple[int, Converter]] = []
     for index, name in enumerate(names):
         column_type = table.c[name].type
         if isinstance(column_type, sa.Boolean):
             continue  # sqlite3 binds bool as the integer SQLAlchemy would write
-        process = column_type.dialect_impl(dialect).bind_processor(dialect)
+        process: Converter | None = column_type.dialect_impl(dialect).bind_processor(dialect)
         if isinstance(column_type, sa.JSON) and process is not None:
             process = _empty_list_shortcut(process)
         if process is not None:
