@@ -324,7 +324,7 @@ class SqlStore:
         )
         sums: dict[Any, list[Sequence[Any]]] = {}
         histograms: dict[Any, list[tuple[int, int]]] = {}
-        for rows in self._fetch_histogram(query, where):
+        for rows in self._fetch_grouped_rows(query, where):
             for row in rows:
                 sums.setdefault(row[0], []).append(row)
                 histograms.setdefault(row[0], []).append((int(row[-1]), int(row[1])))
@@ -348,7 +348,7 @@ class SqlStore:
                 histograms.setdefault(key, []).append((int(tokens), int(calls)))
         return sums, histograms
 
-    def _fetch_histogram(self, query: Any, where: UsageFilter) -> list[Sequence[Any]]:
+    def _fetch_grouped_rows(self, query: Any, where: UsageFilter) -> list[Sequence[Any]]:
         """The query's rows, from several threads over rowid ranges of a large SQLite file.
 
         A query runs on one core; sqlite3 releases the GIL while it steps, so ranges
