@@ -252,6 +252,28 @@ def test_unbudgeted_trackers_reserve_nothing(memory_tracker: UsageTracker) -> No
     assert memory_tracker.reserve(model="m", prompt_tokens=10**9) is None
 
 
+@pytest.mark.parametrize(
+    ("counts", "named"),
+    [
+        ({"prompt_tokens": -1}, "prompt_tokens"),
+        ({"prompt_tokens": True}, "prompt_tokens"),
+        ({"prompt_tokens": 2.5}, "prompt_tokens"),
+        ({"max_output_tokens": -5}, "max_output_tokens"),
+        ({"embedding_tokens": 10**13}, "embedding_tokens"),
+    ],
+)
+def test_bad_reservation_counts_are_refused_with_the_field_named(
+    counts: dict[str, object], named: str
+) -> None:
+    with _tracker("memory://", Budget(limit_tokens=10**6)) as tracker:
+        with pytest.raises(ValueError, match=named):
+            tracker.reserve(model="m", **counts)  # type: ignore[arg-type]
+        held = tracker.reserve(model="m", prompt_tokens=10, max_output_tokens=0)
+        assert held is not None and held.tokens == 10  # nothing was held by the refusals
+        [status] = tracker.budget_status()
+        assert status.reserved_tokens == 10
+
+
 def test_add_budget_later_and_duplicate_labels() -> None:
     with _tracker("memory://") as tracker:
         tracker.add_budget(Budget(limit_usd=1, per="user", period="day"))
