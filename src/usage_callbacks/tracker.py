@@ -312,9 +312,10 @@ class UsageTracker:
             user_id, session_id = self._defaults(user_id, session_id, sessions)
             tags = [*(tags or ()), *(tag for session in sessions for tag in session.tags)]
         ended_at = ended_at or utcnow()
+        total = usage.total
         values = {
             **usage.__dict__,  # the TokenUsage fields, read without validation
-            "total_tokens": usage.total,
+            "total_tokens": total,
             "cost_known": True,
             "id": new_record_id(),
             "started_at": started_at or ended_at,
@@ -335,7 +336,7 @@ class UsageTracker:
         }
         if cache_hit:
             values.update(_NOTHING_BILLED)
-        elif usage.cost_estimate_usd == 0 and usage.total > 0:
+        elif total > 0 and usage.cost_estimate_usd == 0:
             priced = self.pricer.price(usage, model, provider, ended_at)
             values["cost_estimate_usd"] = priced.cost_usd
             values["cost_known"] = priced.known
@@ -343,7 +344,10 @@ class UsageTracker:
         self._settle(record, sessions, reservation)
         for session in sessions:
             session.add(record)
-        self._store(record)
+        if self.durable or self._closed:
+            self._write_now(record)
+        else:
+            self._writer.submit(record)
         for exporter in self._exporters:
             try:
                 exporter.export(record)
@@ -403,23 +407,21 @@ class UsageTracker:
         for warning in warnings:
             _announce(warning)
 
-    def _store(self, record: UsageRecord) -> None:
+    def _write_now(self, record: UsageRecord) -> None:
+        """``durable=True``, or after close(): write before returning; queue on failure."""
         if self._closed:
             logger.warning("record() after close(): writing synchronously")
-        if self.durable or self._closed:
-            try:
-                self.store.write([record])
-            except Exception:
-                logger.warning(
-                    "writing a usage record failed; queueing it for retry", exc_info=True
-                )
-                self._writer.submit(record)
-            return
-        self._writer.submit(record)
+        try:
+            self.store.write([record])
+        except Exception:
+            logger.warning("writing a usage record failed; queueing it for retry", exc_info=True)
+            self._writer.submit(record)
 
     def _sessions(self, sessions: Sequence[UsageSession] | None) -> tuple[UsageSession, ...]:
         if sessions is None:
             sessions = active_sessions()
+        if not sessions:
+            return ()
         return tuple(session for session in sessions if session.tracker is self)
 
     @staticmethod

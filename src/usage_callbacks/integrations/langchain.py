@@ -335,26 +335,26 @@ def _usage_metadata(generation: Any) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _is_cache_hit(generations: list[Any]) -> bool:
+def _is_cache_hit(metadatas: list[dict[str, Any]]) -> bool:
     """langchain-core marks replayed cached generations with ``total_cost: 0``."""
-    for generation in generations:
-        usage = _usage_metadata(generation)
-        if usage is not None and usage.get("total_cost") == 0:
-            return True
-    return False
+    return any(usage.get("total_cost") == 0 for usage in metadatas)
 
 
-def _reported_usage(response: LLMResult | None, generations: list[Any]) -> TokenUsage | None:
-    """Provider numbers, from the most specific place LangChain put them."""
+def _reported_usage(
+    response: LLMResult | None, generations: list[Any], metadatas: list[dict[str, Any]]
+) -> TokenUsage | None:
+    """Provider numbers, from the most specific place LangChain put them: the messages'
+    ``usage_metadata`` (``metadatas``), the LLM output, the generations' metadata."""
+    if len(metadatas) == 1:
+        return usage_from_langchain(metadatas[0])
     # n > 1: every generation carries the same whole-request usage; count it once.
     distinct: list[dict[str, Any]] = []
-    for generation in generations:
-        usage = _usage_metadata(generation)
-        if usage and usage not in distinct:
+    for usage in metadatas:
+        if usage not in distinct:
             distinct.append(usage)
     if distinct:
-        first, *rest = (usage_from_langchain(usage) for usage in distinct)
-        return sum(rest, first) if rest else first
+        first, *rest = map(usage_from_langchain, distinct)
+        return sum(rest, first)
     llm_output = (response.llm_output if response else None) or {}
     for key in ("token_usage", "usage"):
         found = normalize_usage(llm_output.get(key))
@@ -391,8 +391,9 @@ def _record(
     error: BaseException | None,
 ) -> None:
     generations = _generations(response)
-    cache_hit = error is None and _is_cache_hit(generations)
-    usage = _reported_usage(response, generations)
+    metadatas = [usage for usage in map(_usage_metadata, generations) if usage]
+    cache_hit = error is None and _is_cache_hit(metadatas)
+    usage = _reported_usage(response, generations, metadatas)
     if usage is None and not cache_hit and (error is None or state.streamed or generations):
         usage = _estimate(state, generations)
     model = _response_model(response, generations) or state.model or UNKNOWN_MODEL
