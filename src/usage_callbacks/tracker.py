@@ -187,7 +187,7 @@ class UsageTracker:
         return CallScope(
             user_id=user_id,
             session_id=session_id,
-            session_ids=tuple(session.session_id for session in sessions),
+            session_ids=tuple(session.session_id for session in sessions) if sessions else (),
             model=model,
         )
 
@@ -212,7 +212,8 @@ class UsageTracker:
         if not self.has_budgets:
             return None
         sessions = self._sessions(sessions)
-        user_id, session_id = self._defaults(user_id, session_id, sessions)
+        if sessions:
+            user_id, session_id = self._defaults(user_id, session_id, sessions)
         charges = self._charges(self._scope(model, user_id, session_id, sessions))
         if not charges:
             return None
@@ -222,19 +223,18 @@ class UsageTracker:
             output = self.default_output_allowance
         else:
             output = max_output_tokens
+        _check_token_counts(prompt_tokens, output, embedding_tokens)
         estimate = build_usage(
-            prompt=_token_count("prompt_tokens", prompt_tokens),
-            completion=_token_count("max_output_tokens", output),
-            embedding=_token_count("embedding_tokens", embedding_tokens),
-            estimated=True,
+            prompt=prompt_tokens, completion=output, embedding=embedding_tokens, estimated=True
         )
-        usd = self.pricer.price(estimate, model, provider).cost_usd
+        now = utcnow()
+        usd = self.pricer.price(estimate, model, provider, now).cost_usd
         reservation = Reservation(
             id=new_record_id(), charges=charges, usd=usd, tokens=estimate.total, estimate=estimate
         )
         try:
             renewal = self._allowances.reserve(
-                reservation.id, charges, usd_to_pico(usd), reservation.tokens, utcnow()
+                reservation.id, charges, usd_to_pico(usd), reservation.tokens, now
             )
         except BudgetExceededError:
             raise
@@ -544,11 +544,14 @@ _NOTHING_BILLED = {name: 0 for name in TokenUsage.model_fields if name.endswith(
 }
 
 
-def _token_count(name: str, value: int) -> int:
-    """A caller's token count, checked as TokenUsage would check it."""
-    if type(value) is not int or not 0 <= value <= MAX_TOKENS_PER_CALL:
-        raise ValueError(f"{name} must be an int from 0 to {MAX_TOKENS_PER_CALL}, not {value!r}")
-    return value
+def _check_token_counts(prompt: int, output: int, embedding: int) -> None:
+    """A caller's token counts, checked as TokenUsage would check them."""
+    counts = {"prompt_tokens": prompt, "max_output_tokens": output, "embedding_tokens": embedding}
+    for name, value in counts.items():
+        if type(value) is not int or not 0 <= value <= MAX_TOKENS_PER_CALL:
+            raise ValueError(
+                f"{name} must be an int from 0 to {MAX_TOKENS_PER_CALL}, not {value!r}"
+            )
 
 
 def _announce(warning: BudgetWarning) -> None:
