@@ -80,6 +80,14 @@ def active_sessions() -> tuple[UsageSession, ...]:
     return _active.get()
 
 
+def sessions_of(tracker: object) -> tuple[UsageSession, ...]:
+    """The sessions of ``tracker`` open in this context (no scan when none is open)."""
+    sessions = _active.get()
+    if not sessions:
+        return ()
+    return tuple(session for session in sessions if session.tracker is tracker)
+
+
 class UsageSession:
     """Totals of the calls made while it is open; nested sessions all accumulate."""
 

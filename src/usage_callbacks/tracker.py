@@ -24,7 +24,7 @@ from usage_callbacks.budgets import (
 )
 from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
 from usage_callbacks.runs import RunRegistry, RunState
-from usage_callbacks.sessions import UsageSession, active_sessions
+from usage_callbacks.sessions import UsageSession, active_sessions, sessions_of
 from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
 from usage_callbacks.store.ledger import BudgetStatus, Charge, LeasePolicy
@@ -419,7 +419,7 @@ class UsageTracker:
 
     def _sessions(self, sessions: Sequence[UsageSession] | None) -> tuple[UsageSession, ...]:
         if sessions is None:
-            sessions = active_sessions()
+            return sessions_of(self)
         if not sessions:
             return ()
         return tuple(session for session in sessions if session.tracker is self)

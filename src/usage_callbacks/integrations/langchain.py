@@ -32,7 +32,7 @@ from langchain_core.tracers.context import register_configure_hook
 
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.runs import RunState
-from usage_callbacks.sessions import SessionRoutes, active_sessions, register_session_hook
+from usage_callbacks.sessions import SessionRoutes, register_session_hook, sessions_of
 from usage_callbacks.store.models import utcnow
 from usage_callbacks.tokens import (
     count_message_tokens,
@@ -163,7 +163,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
             user_id=self.user_id,
             session_id=self.session_id,
             tags=list(self.tags),
-            sessions=tuple(s for s in active_sessions() if s.tracker is tracker),
+            sessions=sessions_of(tracker),
             inputs=inputs,
         )
         state, is_new = tracker.runs.start(state)
@@ -474,7 +474,7 @@ class TrackedEmbeddings(Embeddings):
         """Count and reserve before the provider is called; None if tracking failed."""
         try:
             tokens = count_texts_tokens(texts, self.model)
-            sessions = tuple(s for s in active_sessions() if s.tracker is self.tracker)
+            sessions = sessions_of(self.tracker)
             state = RunState(
                 run_id="",
                 started_at=utcnow(),

@@ -59,9 +59,9 @@ from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.runs import RunState
 from usage_callbacks.sessions import (
     SessionRoutes,
-    UsageSession,
     active_sessions,
     register_session_hook,
+    sessions_of,
 )
 from usage_callbacks.store.models import utcnow
 from usage_callbacks.tokens import (
@@ -288,7 +288,7 @@ def _start_run(
         user_id=user_id,
         session_id=session_id,
         tags=list(tags),
-        sessions=_sessions_of(tracker),
+        sessions=sessions_of(tracker),
         inputs=call.inputs,
         extra={"span_id": call.span_id},
     )
@@ -315,14 +315,6 @@ def _start_run(
         session_id=state.session_id,
         sessions=state.sessions,
     )
-
-
-def _sessions_of(tracker: UsageTracker) -> tuple[UsageSession, ...]:
-    """The open sessions of ``tracker``; skips the scan when none is open at all."""
-    sessions = active_sessions()
-    if not sessions:
-        return ()
-    return tuple(s for s in sessions if s.tracker is tracker)
 
 
 def _finish_run(
