@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -108,3 +109,24 @@ def test_record_ids_stay_unique_across_forked_workers() -> None:
     every = parent + [i for ids in children for i in ids]
     assert len(set(every)) == len(every) == 9000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in every)
+
+
+def test_bad_times_are_refused_at_the_call_and_do_not_block_later_records(
+    sqlite_url: str,
+) -> None:
+    with UsageTracker(sqlite_url, flush_interval=0.01) as tracker:
+        with pytest.raises(ValueError, match="naive"):
+            tracker.record(TokenUsage(prompt_tokens=1), ended_at=datetime(2026, 1, 1, 12))
+        with pytest.raises(TypeError, match="started_at must be a datetime"):
+            tracker.record(TokenUsage(prompt_tokens=1), started_at="2026-01-01")  # type: ignore[arg-type]
+        paris = timezone(timedelta(hours=1))
+        made = tracker.record(
+            TokenUsage(prompt_tokens=2), ended_at=datetime(2026, 1, 1, 13, tzinfo=paris)
+        )
+        assert made.ended_at == datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+        assert made.ended_at.tzinfo is timezone.utc
+        tracker.record(TokenUsage(prompt_tokens=3), tags=[7, "x", 7])  # type: ignore[list-item]
+        assert tracker.flush(timeout=10)  # a poisoned batch would never flush
+        stored = tracker.records()
+        assert [record.prompt_tokens for record in stored] == [2, 3]
+        assert stored[1].tags == ["7", "x"]

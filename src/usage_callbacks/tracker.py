@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
@@ -311,7 +311,10 @@ class UsageTracker:
         if sessions:
             user_id, session_id = self._defaults(user_id, session_id, sessions)
             tags = [*(tags or ()), *(tag for session in sessions for tag in session.tags)]
-        ended_at = ended_at or utcnow()
+        # checked here, not in the writer: a naive time would fail its batch again and again
+        ended_at = utcnow() if ended_at is None else _as_utc(ended_at, "ended_at")
+        if started_at is not None:
+            started_at = _as_utc(started_at, "started_at")
         total = usage.total
         values = {
             **usage.__dict__,  # the TokenUsage fields, read without validation
@@ -329,7 +332,7 @@ class UsageTracker:
             "parent_run_id": None if parent_run_id is None else str(parent_run_id),
             "session_id": session_id,
             "user_id": user_id,
-            "tags": list(dict.fromkeys(tags)) if tags else [],
+            "tags": list(dict.fromkeys(map(str, tags))) if tags else [],
             "status": status,
             "error_type": error_type,
             "cache_hit": cache_hit,
@@ -542,6 +545,20 @@ class UsageTracker:
 _NOTHING_BILLED = {name: 0 for name in TokenUsage.model_fields if name.endswith("_tokens")} | {
     "cost_estimate_usd": Decimal(0)
 }
+
+
+def _as_utc(moment: datetime, name: str) -> datetime:
+    """``moment`` in UTC; a naive datetime is refused (which zone would it be in?)."""
+    if not isinstance(moment, datetime):
+        raise TypeError(f"{name} must be a datetime, not {type(moment).__name__}")
+    if moment.tzinfo is timezone.utc:
+        return moment
+    if moment.utcoffset() is None:
+        raise ValueError(
+            f"{name}={moment!r} is naive; pass a timezone-aware datetime, e.g. "
+            "datetime.now(timezone.utc)"
+        )
+    return moment.astimezone(timezone.utc)
 
 
 def _check_token_counts(prompt: int, output: int, embedding: int) -> None:
