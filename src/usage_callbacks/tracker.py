@@ -28,7 +28,13 @@ from usage_callbacks.sessions import UsageSession, active_sessions, sessions_of
 from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
 from usage_callbacks.store.ledger import BudgetStatus, Charge, LeasePolicy
-from usage_callbacks.store.models import UsageRecord, new_record_id, usd_to_pico, utcnow
+from usage_callbacks.store.models import (
+    UsageRecord,
+    fit_text_columns,
+    new_record_id,
+    usd_to_pico,
+    utcnow,
+)
 from usage_callbacks.store.spill import SpillFile, ingest_file
 from usage_callbacks.store.writer import BatchWriter
 from usage_callbacks.usage import MAX_TOKENS_PER_CALL, CallType, TokenUsage, build_usage
@@ -343,6 +349,7 @@ class UsageTracker:
             priced = self.pricer.price(usage, model, provider, ended_at)
             values["cost_estimate_usd"] = priced.cost_usd
             values["cost_known"] = priced.known
+        fit_text_columns(values)
         record = UsageRecord.from_values(values)
         self._settle(record, sessions, reservation)
         for session in sessions:

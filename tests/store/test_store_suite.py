@@ -128,3 +128,18 @@ def test_writes_are_idempotent(tracker: UsageTracker) -> None:
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         UsageFilter(since=datetime(2026, 1, 1))
+
+
+def test_over_long_and_non_text_values_are_fitted_not_left_to_fail_the_batch(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL refuses a value longer than its column: one such row used to fail its
+    # whole batch on every retry, and every record queued after it with it
+    with UsageTracker(store_url, flush_interval=0.01) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=1), user_id="u" * 300, model="m" * 400)
+        tracker.record(TokenUsage(prompt_tokens=2), user_id=42, session_id=7)  # type: ignore[arg-type]
+        assert tracker.flush(timeout=10)
+        first, second = tracker.records()
+    assert (first.user_id, first.model) == ("u" * 256, "m" * 256)
+    assert (second.user_id, second.session_id) == ("42", "7")
+    assert "user_id is 300 characters; storing its first 256" in caplog.text

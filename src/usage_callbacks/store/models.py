@@ -7,6 +7,7 @@ which has no decimal type; they come back as ``Decimal`` USD.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,8 @@ import sqlalchemy.orm
 from sqlmodel import Field, SQLModel
 
 from usage_callbacks.usage import TokenUsage, trusted_instance
+
+logger = logging.getLogger("usage_callbacks")
 
 PICO = Decimal(10) ** 12
 #: Bumped when tables change; a database without a version row is v0 (pre-release builds).
@@ -202,6 +205,28 @@ USAGE_COLUMNS = (
     "estimated",
 )
 RECORD_COLUMNS = tuple(UsageRecord.model_fields)
+#: Text columns and their widths: PostgreSQL refuses a longer value, and one refused row
+#: would fail its whole batch on every retry. (The id is ours.)
+_TEXT_WIDTHS: tuple[tuple[str, int], ...] = tuple(
+    (column.name, column.type.length)
+    for column in UsageRecord.__table__.columns  # type: ignore[attr-defined]
+    if getattr(column.type, "length", None) and column.name != "id"
+)
+
+
+def fit_text_columns(values: dict[str, Any]) -> None:
+    """Make the caller's text values text that fits its column (cut, with a warning)."""
+    for name, width in _TEXT_WIDTHS:
+        value = values[name]
+        if value is None:
+            continue
+        if type(value) is not str:
+            values[name] = value = str(value)
+        if len(value) > width:
+            logger.warning("%s is %d characters; storing its first %d", name, len(value), width)
+            values[name] = value[:width]
+
+
 _COLUMN_SET = frozenset(RECORD_COLUMNS)
 _MAPPER = sa.inspect(UsageRecord)
 
