@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from usage_callbacks import TokenUsage, UsageFilter, UsageTracker
 from usage_callbacks.store.models import UsageRecord
+from usage_callbacks.store.spill import read_records
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -143,3 +145,17 @@ def test_over_long_and_non_text_values_are_fitted_not_left_to_fail_the_batch(
     assert (first.user_id, first.model) == ("u" * 256, "m" * 256)
     assert (second.user_id, second.session_id) == ("42", "7")
     assert "user_id is 300 characters; storing its first 256" in caplog.text
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_later_records_still_land(
+    store_url: str, tmp_path: Path
+) -> None:
+    # 10^8 USD is 10^20 pico-USD: beyond the BIGINT column on every backend
+    spill = tmp_path / "spill.jsonl"
+    with UsageTracker(store_url, flush_interval=0.01, spill_path=spill) as tracker:
+        bad = tracker.record(TokenUsage(prompt_tokens=1, cost_estimate_usd=Decimal(10**8)))
+        tracker.record(TokenUsage(prompt_tokens=2), model="gpt-4o-mini")
+        assert tracker.flush(timeout=10)
+        assert [record.prompt_tokens for record in tracker.records()] == [2]
+    [kept] = read_records(tmp_path / "spill.rejected.jsonl")
+    assert kept.id == bad.id and kept.cost_estimate_usd == Decimal(10**8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -182,3 +183,46 @@ def test_a_stalled_but_healthy_store_gets_its_spilled_records_back(
     written = [record_id for batch in store.batches for record_id in batch]
     assert sorted(written) == sorted(record.id for record in records)
     assert not spill.exists()
+
+
+class _PickyStore(_RecordingStore):
+    """Refuses batches holding a record it cannot take, as a database refuses a bad row."""
+
+    def __init__(self, bad: set[str], error: Exception) -> None:
+        super().__init__()
+        self.bad = bad
+        self.error = error
+
+    def write(self, records: Sequence[UsageRecord]) -> None:
+        if any(record.id in self.bad for record in records):
+            raise self.error
+        super().write(records)
+
+
+def test_records_the_store_refuses_are_set_aside_and_the_rest_written(tmp_path: Path) -> None:
+    records = [UsageRecord() for _ in range(9)]
+    store = _PickyStore({records[2].id, records[7].id}, ValueError("value too long"))
+    spill = SpillFile(tmp_path / "s.jsonl")
+    writer = BatchWriter(store, batch_size=5, max_delay=3600, spill=spill)
+    for record in records:
+        writer.submit(record)
+    assert writer.flush(timeout=10)
+    written = [i for batch in store.batches for i in batch]
+    assert written == [r.id for r in records if r.id not in store.bad]
+    rejected = tmp_path / "s.rejected.jsonl"
+    assert [r.id for r in read_records(rejected)] == [records[2].id, records[7].id]
+    writer.close()
+
+
+def test_a_store_that_cannot_write_at_all_keeps_the_batch_for_retry(tmp_path: Path) -> None:
+    records = [UsageRecord() for _ in range(3)]
+    store = _PickyStore({records[0].id}, sqlite3.OperationalError("disk I/O error"))
+    writer = BatchWriter(store, batch_size=3, max_delay=3600, spill=SpillFile(tmp_path / "s.jsonl"))
+    for record in records:
+        writer.submit(record)
+    assert not writer.flush(timeout=0.3)  # not set aside: retried until the store recovers
+    assert not (tmp_path / "s.rejected.jsonl").exists()
+    store.bad.clear()
+    assert writer.flush(timeout=10)
+    assert sorted(i for batch in store.batches for i in batch) == sorted(r.id for r in records)
+    writer.close()

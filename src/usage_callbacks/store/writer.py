@@ -4,6 +4,9 @@ A record waits at most ``max_delay`` seconds or until ``batch_size`` records are
 Submitting is a lock-free append (the deque is thread-safe): taking the writer's lock on
 every call let the writer thread, pre-empted while holding it, stall the caller for
 milliseconds. The writer polls every ``max_delay`` and is woken for full batches.
+When the store refuses a batch for its values (a row it cannot take), the batch is
+written record by record and the refused ones are set aside in a ``.rejected.jsonl``
+file beside the spill file, so that one bad row cannot hold every later record back.
 Failed batches stay queued and are retried with backoff. The queue is bounded by
 ``max_buffer``: when it is full, a healthy store makes the producer wait (backpressure);
 a failing one gets the oldest batch spilled to a local JSONL file, re-ingested as soon
@@ -13,12 +16,15 @@ as the store accepts writes again.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
+
+import sqlalchemy as sa
 
 from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.store.spill import SpillFile, default_spill_path
@@ -52,6 +58,8 @@ class BatchWriter:
         self._max_delay = max_delay
         self._max_buffer = max_buffer
         self._spill = spill or SpillFile(default_spill_path())
+        path = self._spill.path
+        self._rejected = SpillFile(path.with_name(f"{path.stem}.rejected.jsonl"))
         self._pending: deque[UsageRecord] = deque()  # appended to without the lock
         self._condition = threading.Condition()
         self._written = 0  # records written or spilled so far, for flush() to wait on
@@ -184,11 +192,55 @@ class BatchWriter:
         if self._spilled and not self._failures and self._spill.exists():  # after the last batch
             self._reingest_spill()
 
+    def _write(self, batch: list[UsageRecord]) -> Exception | None:
+        """Write a batch, setting aside records the store refuses; the error when the
+        batch is to be retried later."""
+        try:
+            self._store.write(batch)
+        except Exception as error:
+            if _refused_values(error) and self._set_aside_refused(batch):
+                return None
+            return error
+        return None
+
+    def _set_aside_refused(self, batch: list[UsageRecord]) -> bool:
+        """Write record by record and keep the refused ones in the rejected file. False
+        when a write fails for another reason: then the store itself is failing, and the
+        batch is retried whole (records already written are skipped by id)."""
+        refused: list[UsageRecord] = []
+        reason: Exception | None = None
+        for record in batch:
+            try:
+                self._store.write([record])
+            except Exception as error:
+                if not _refused_values(error):
+                    return False
+                refused.append(record)
+                reason = error
+        if not refused:
+            return True
+        try:
+            self._rejected.append(refused)
+        except OSError:
+            logger.error(
+                "the store refused %d usage records (%s) and %s is unwritable; they are lost",
+                len(refused),
+                reason,
+                self._rejected.path,
+            )
+        else:
+            logger.error(
+                "the store refused %d usage records (%s); kept in %s",
+                len(refused),
+                reason,
+                self._rejected.path,
+            )
+        return True
+
     def _write_batches(self) -> None:
         while (batch := self._next_batch()) is not None:
-            try:
-                self._store.write(batch)
-            except Exception:
+            error = self._write(batch)
+            if error is not None:
                 self._failures += 1
                 delay = min(0.05 * 2**self._failures, 5.0)
                 logger.warning(
@@ -196,7 +248,7 @@ class BatchWriter:
                     len(batch),
                     self._failures,
                     delay,
-                    exc_info=self._failures == 1,
+                    exc_info=error if self._failures == 1 else None,
                 )
                 with self._condition:
                     self._pending.extendleft(reversed(self._inflight))
@@ -216,3 +268,15 @@ class BatchWriter:
                 self._written += len(batch)
                 self._inflight = []
                 self._condition.notify_all()
+
+
+def _refused_values(error: BaseException) -> bool:
+    """The store refused the rows' values (too long, out of range, unconvertible), not
+    the write itself (a database away, locked or full)."""
+    if isinstance(error, sa.exc.DBAPIError):
+        return isinstance(error, (sa.exc.DataError, sa.exc.IntegrityError))
+    if isinstance(error, sa.exc.StatementError):  # a bind processor failed on a value
+        return True
+    return isinstance(
+        error, (ValueError, TypeError, OverflowError, sqlite3.DataError, sqlite3.IntegrityError)
+    )
