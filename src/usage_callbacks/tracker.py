@@ -311,7 +311,8 @@ class UsageTracker:
         """Price, book against budgets, add to open sessions, queue for storage, export.
 
         Usage that already carries a cost keeps it; otherwise it is priced here. A cache
-        hit bills nothing. Storage and budget failures are logged, never raised.
+        hit bills nothing. Storage and budget failures are logged, never raised; a naive
+        or non-datetime time is refused (ValueError, TypeError) before anything is kept.
         """
         sessions = self._sessions(sessions)
         if sessions:
