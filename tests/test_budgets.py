@@ -305,3 +305,21 @@ def test_budget_database_outage_fails_closed_by_default_or_open_on_request(
             provider(tracker)
             assert provider.calls == 1
             assert len(tracker.records()) == 1  # the record is kept even if booking failed
+
+
+def test_a_budget_added_after_calls_applies_to_the_next_call() -> None:
+    # charges are remembered per call scope: adding a budget must forget them
+    with _tracker("memory://", Budget(limit_tokens=10**6, per="user")) as tracker:
+        provider = Provider()
+        provider(tracker, tokens=100, user_id="ann")
+        tracker.add_budget(Budget(limit_tokens=50, name="tight"))
+        with pytest.raises(BudgetExceededError, match="tight"):
+            provider(tracker, tokens=100, user_id="ann")
+        assert provider.calls == 1
+
+
+def test_a_copied_budget_gets_its_own_label() -> None:
+    # the label keys the ledger: a copy with another limit must not share its counters
+    budget = Budget(limit_usd=1, per="user", period="day")
+    assert budget.label != budget.model_copy(update={"limit_usd": Decimal(2)}).label
+    assert budget.model_copy(update={"name": "team"}).label == "team"

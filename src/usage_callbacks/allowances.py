@@ -248,7 +248,7 @@ class BudgetAllowances:
     def _leases_of(self, charges: Sequence[Charge]) -> list[_Lease]:
         leases: dict[tuple[str, str], _Lease] = {}
         for charge in charges:
-            key = (charge.budget.label, charge.key)
+            key = (charge.label, charge.key)
             lease = self._leases.get(key)
             if lease is None or lease.charge.budget is not charge.budget:
                 lease = self._leases[key] = _Lease(charge)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -77,9 +76,9 @@ class Budget(BaseModel):
             raise ValueError("session_only budgets must have per='session'")
         return self
 
-    @cached_property
+    @property
     def label(self) -> str:
-        """The budget's name, or one made of its scope, period and limits (read per call)."""
+        """The budget's name, or one made of its scope, period and limits: its ledger key."""
         if self.name:
             return self.name
         limits = []

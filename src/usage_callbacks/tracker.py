@@ -169,7 +169,8 @@ class UsageTracker:
         return bool(self._budgets or self._session_budgets)
 
     def _charges(self, scope: CallScope) -> tuple[Charge, ...]:
-        """The budgets a call spends from, remembered per scope (asked twice a call)."""
+        """The budgets a call spends from, remembered per scope until the budgets change
+        (building them cost ~2 µs of every reservation)."""
         known = self._charges_by_scope
         charges = known.get(scope)
         if charges is None:

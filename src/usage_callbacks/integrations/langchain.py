@@ -345,8 +345,6 @@ def _reported_usage(
 ) -> TokenUsage | None:
     """Provider numbers, from the most specific place LangChain put them: the messages'
     ``usage_metadata`` (``metadatas``), the LLM output, the generations' metadata."""
-    if len(metadatas) == 1:
-        return usage_from_langchain(metadatas[0])
     # n > 1: every generation carries the same whole-request usage; count it once.
     distinct: list[dict[str, Any]] = []
     for usage in metadatas:

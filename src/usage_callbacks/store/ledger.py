@@ -14,7 +14,7 @@ import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -135,10 +135,15 @@ class Charge:
 
     budget: Budget
     key: str
+    #: the budget's label, made once: it keys the ledger and is read on every call
+    label: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", self.budget.label)
 
     @property
     def lock_id(self) -> int:
-        digest = hashlib.blake2b(f"{self.budget.label}\0{self.key}".encode(), digest_size=8)
+        digest = hashlib.blake2b(f"{self.label}\0{self.key}".encode(), digest_size=8)
         return int.from_bytes(digest.digest(), "big", signed=True)
 
 
@@ -225,7 +230,7 @@ class BudgetLedger:
         row = connection.execute(
             _USED,
             {
-                "budget": charge.budget.label,
+                "budget": charge.label,
                 "key": charge.key,
                 "first": _first_bucket(charge.budget, now),
                 "end": charge.budget.window(now)[1] + timedelta(seconds=1),
@@ -260,10 +265,7 @@ class BudgetLedger:
                 self._lock(connection, charges)
                 connection.execute(
                     _DROP_HOLD,
-                    [
-                        {"reservation": lease_id, "budget": c.budget.label, "key": c.key}
-                        for c in charges
-                    ],
+                    [{"reservation": lease_id, "budget": c.label, "key": c.key} for c in charges],
                 )
                 for change in changes:
                     warning = self._book(connection, change, now)
@@ -283,7 +285,7 @@ class BudgetLedger:
                 rows = [
                     {
                         "reservation_id": lease_id,
-                        "budget": change.charge.budget.label,
+                        "budget": change.charge.label,
                         "scope_key": change.charge.key,
                         "pico": grant.hold_pico,
                         "tokens": grant.hold_tokens,
@@ -305,7 +307,7 @@ class BudgetLedger:
             connection.execute(
                 self._add_spend,
                 {
-                    "budget": charge.budget.label,
+                    "budget": charge.label,
                     "scope_key": charge.key,
                     "bucket_start": bucket,
                     "spent_pico": pico,
