@@ -14,14 +14,16 @@ from openai.types import CompletionUsage
 from pydantic import ValidationError
 
 from usage_callbacks import TokenUsage, normalize_usage
-from usage_callbacks.usage import (
+from usage_callbacks.readers import (
+    SOURCES,
     usage_from_anthropic,
-    usage_from_bedrock,
+    usage_from_bedrock_converse,
     usage_from_gemini,
     usage_from_langchain,
     usage_from_ollama,
-    usage_from_openai,
+    usage_from_openai_chat,
     usage_from_openai_embedding,
+    usage_from_openai_responses,
 )
 
 
@@ -88,7 +90,7 @@ def _parts(usage: TokenUsage | None) -> tuple[int, ...] | None:
 CASES = [
     (
         "openai-chat",
-        usage_from_openai,
+        usage_from_openai_chat,
         {
             "prompt_tokens": 100,
             "completion_tokens": 40,
@@ -98,16 +100,16 @@ CASES = [
         },
         (100, 40, 64, 0, 30, 0),
     ),
-    ("openai-missing-details", usage_from_openai, {"prompt_tokens": 9}, (9, 0, 0, 0, 0, 0)),
+    ("openai-missing-details", usage_from_openai_chat, {"prompt_tokens": 9}, (9, 0, 0, 0, 0, 0)),
     (
         "openai-none-details",
-        usage_from_openai,
+        usage_from_openai_chat,
         {"prompt_tokens": 9, "completion_tokens": None, "prompt_tokens_details": None},
         (9, 0, 0, 0, 0, 0),
     ),
     (
         "openai-strings-and-negatives",
-        usage_from_openai,
+        usage_from_openai_chat,
         {
             "prompt_tokens": "12",
             "completion_tokens": -3,
@@ -117,7 +119,7 @@ CASES = [
     ),
     (
         "openai-responses",
-        usage_from_openai,
+        usage_from_openai_responses,
         {
             "input_tokens": 50,
             "output_tokens": 20,
@@ -128,7 +130,7 @@ CASES = [
     ),
     (
         "openai-cached-above-prompt",
-        usage_from_openai,
+        usage_from_openai_chat,
         {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 50}},
         (10, 0, 10, 0, 0, 0),
     ),
@@ -198,7 +200,7 @@ CASES = [
     ),
     (
         "bedrock",
-        usage_from_bedrock,
+        usage_from_bedrock_converse,
         {
             "inputTokens": 11,
             "outputTokens": 5,
@@ -209,7 +211,7 @@ CASES = [
     ),
     (
         "bedrock-float",
-        usage_from_bedrock,
+        usage_from_bedrock_converse,
         {"inputTokens": 11.0, "outputTokens": 5.5},
         (11, 0, 0, 0, 0, 0),
     ),
@@ -225,7 +227,7 @@ CASES = [
         {"prompt_eval_count": 10**30, "eval_count": 1},
         (0, 1, 0, 0, 0, 0),
     ),
-    ("empty", usage_from_openai, {}, (0, 0, 0, 0, 0, 0)),
+    ("empty", usage_from_openai_chat, {}, (0, 0, 0, 0, 0, 0)),
 ]
 
 
@@ -242,18 +244,6 @@ def test_each_provider_shape(
     assert _parts(normalizer(as_object)) == expected
 
 
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [c[2:] for c in CASES if c[0] not in ("empty", "openai-embedding", "ollama-huge")],
-    ids=[c[0] for c in CASES if c[0] not in ("empty", "openai-embedding", "ollama-huge")],
-)
-def test_normalize_usage_detects_the_shape(
-    payload: dict[str, Any], expected: tuple[int, ...]
-) -> None:
-    assert _parts(normalize_usage(payload)) == expected
-    assert _parts(normalize_usage({"id": "x", "usage": payload})) == expected  # whole response
-
-
 def test_sdk_objects() -> None:
     openai_usage = CompletionUsage(
         prompt_tokens=30,
@@ -262,18 +252,41 @@ def test_sdk_objects() -> None:
         prompt_tokens_details={"cached_tokens": 16},  # type: ignore[arg-type]
         completion_tokens_details={"reasoning_tokens": 8},  # type: ignore[arg-type]
     )
-    assert _parts(normalize_usage(SimpleNamespace(usage=openai_usage))) == (30, 12, 16, 0, 8, 0)
+    found = normalize_usage(SimpleNamespace(usage=openai_usage), source="openai-chat")
+    assert _parts(found) == (30, 12, 16, 0, 8, 0)
     anthropic_usage = AnthropicUsage(
         input_tokens=5, output_tokens=3, cache_read_input_tokens=100, cache_creation_input_tokens=0
     )
-    assert _parts(normalize_usage(anthropic_usage)) == (105, 3, 100, 0, 0, 0)
+    found = normalize_usage(anthropic_usage, source="anthropic", whole=False)
+    assert _parts(found) == (105, 3, 100, 0, 0, 0)
 
 
 def test_embedding_calls_move_prompt_tokens_to_embedding() -> None:
     usage = normalize_usage(
-        {"usage": {"prompt_tokens": 8, "total_tokens": 8}}, call_type="embedding"
+        {"usage": {"prompt_tokens": 8, "total_tokens": 8}},
+        source="openai-chat",
+        call_type="embedding",
     )
     assert _parts(usage) == (0, 0, 0, 0, 0, 8)
+
+
+def test_an_unknown_source_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown usage source 'openia'"):
+        normalize_usage({}, source="openia")  # type: ignore[arg-type]
+
+
+def test_a_litellm_usage_is_not_read_as_anthropic() -> None:
+    """LiteLLM always carries cache_*_input_tokens; key sniffing read it as Anthropic's
+    shape (completion 0, uncached input dropped)."""
+    payload = {
+        "usage": {
+            "prompt_tokens": 900,
+            "completion_tokens": 60,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+    }
+    assert _parts(normalize_usage(payload, source="litellm")) == (900, 60, 0, 0, 0, 0)
 
 
 class Exploding:
@@ -283,9 +296,10 @@ class Exploding:
         raise RuntimeError("boom")
 
 
+@pytest.mark.parametrize("source", sorted(SOURCES))
 @pytest.mark.parametrize("payload", [None, 3, "usage", [1, 2], {"usage": "n/a"}, {}, Exploding()])
-def test_payloads_without_usage_give_none_and_never_raise(payload: Any) -> None:
-    assert normalize_usage(payload) is None
+def test_payloads_without_usage_give_none_and_never_raise(payload: Any, source: Any) -> None:
+    assert normalize_usage(payload, source=source) is None
 
 
 JSON = st.recursive(
@@ -314,6 +328,16 @@ JSON = st.recursive(
                     "prompt_eval_count",
                     "eval_count",
                     "usage_metadata",
+                    "cache_creation",
+                    "ephemeral_1h_input_tokens",
+                    "ephemeral_5m_input_tokens",
+                    "server_tool_use",
+                    "web_search_requests",
+                    "modality",
+                    "token_count",
+                    "tool_use_prompt_token_count",
+                    "billed_units",
+                    "object",
                     "other",
                 ]
             ),
@@ -326,9 +350,18 @@ JSON = st.recursive(
 
 
 @settings(max_examples=2000, deadline=None)
-@given(payload=JSON, embedding=st.booleans())
-def test_any_payload_normalizes_to_a_valid_usage_or_none(payload: Any, embedding: bool) -> None:
-    usage = normalize_usage(payload, call_type="embedding" if embedding else "chat")
+@given(
+    payload=JSON,
+    embedding=st.booleans(),
+    source=st.sampled_from(sorted(SOURCES)),
+    whole=st.booleans(),
+)
+def test_any_payload_normalizes_to_a_valid_usage_or_none(
+    payload: Any, embedding: bool, source: Any, whole: bool
+) -> None:
+    usage = normalize_usage(
+        payload, source=source, call_type="embedding" if embedding else "chat", whole=whole
+    )
     if usage is None:
         return
     again = TokenUsage.model_validate(usage.model_dump())  # the invariants hold

@@ -11,6 +11,7 @@ from usage_callbacks.budgets import (
     BudgetWarning,
 )
 from usage_callbacks.pricing import ModelPrice, PriceTable, calculate_cost, price
+from usage_callbacks.readers import normalize_usage
 from usage_callbacks.sessions import UsageSession, active_sessions
 from usage_callbacks.store import (
     GroupSummary,
@@ -28,7 +29,7 @@ from usage_callbacks.tokens import (
     count_text_tokens,
 )
 from usage_callbacks.tracker import Reservation, UsageExporter, UsageTracker
-from usage_callbacks.usage import TokenUsage, normalize_usage
+from usage_callbacks.usage import TokenUsage
 
 __version__ = "0.1.0"
 

@@ -16,6 +16,7 @@ from usage_callbacks import (
     TokenUsage,
     UsageTracker,
 )
+from usage_callbacks.store.models import SCHEMA_VERSION
 
 WRITER = """
 import sys
@@ -112,8 +113,63 @@ def test_a_database_of_an_older_schema_is_upgraded_in_place(
         assert str(old.cost_estimate_usd) == "0.000005"
         tracker.record(TokenUsage(prompt_tokens=1), model="m", cache_hit=True)
         assert tracker.summary().calls == 2
-    assert "from schema v0 to v1" in caplog.text
+    assert f"from schema v0 to v{SCHEMA_VERSION}" in caplog.text
     assert "usage_records.cache_hit" in caplog.text
+
+
+#: Columns schema v2 added: the billable kinds beside tokens.
+V2_COLUMNS = (
+    "cache_write_1h_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
+    "tool_prompt_tokens",
+    "web_search_requests",
+    "service_tier",
+)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_v1_database_gains_the_billable_kinds_in_place(
+    backend: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
+    with UsageTracker(url) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=100, completion_tokens=20), model="gpt-4o")
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:  # back to the v1 tables
+        for column in V2_COLUMNS:
+            connection.exec_driver_sql(f"ALTER TABLE usage_records DROP COLUMN {column}")
+        connection.exec_driver_sql("UPDATE usage_schema SET version = 1")
+    engine.dispose()
+    audio = TokenUsage(
+        prompt_tokens=1_000,
+        completion_tokens=500,
+        input_audio_tokens=800,
+        output_audio_tokens=400,
+        cache_write_tokens=100,
+        cache_write_1h_tokens=100,
+        web_search_requests=2,
+        service_tier="flex",
+    )
+    with UsageTracker(url) as tracker:
+        [old] = tracker.records()
+        assert (old.prompt_tokens, old.input_audio_tokens, old.service_tier) == (100, 0, None)
+        tracker.record(audio, model="gpt-audio")
+        tracker.flush()
+        new = next(r for r in tracker.records() if r.model == "gpt-audio")
+        assert new.usage.model_dump(exclude={"cost_estimate_usd"}) == audio.model_dump(
+            exclude={"cost_estimate_usd"}
+        )
+        total = tracker.summary().usage
+        assert (total.prompt_tokens, total.input_audio_tokens, total.web_search_requests) == (
+            1_100,
+            800,
+            2,
+        )
+    assert f"from schema v1 to v{SCHEMA_VERSION}" in caplog.text
+    assert "usage_records.input_audio_tokens" in caplog.text
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

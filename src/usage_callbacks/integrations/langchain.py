@@ -31,6 +31,7 @@ from langchain_core.outputs import LLMResult
 from langchain_core.tracers.context import register_configure_hook
 
 from usage_callbacks.budgets import BudgetExceededError
+from usage_callbacks.readers import UsageSource, normalize_usage, usage_from_langchain
 from usage_callbacks.runs import RunState
 from usage_callbacks.sessions import SessionRoutes, register_session_hook, sessions_of
 from usage_callbacks.store.models import utcnow
@@ -40,13 +41,7 @@ from usage_callbacks.tokens import (
     message_text,
 )
 from usage_callbacks.tracker import UsageTracker
-from usage_callbacks.usage import (
-    CallType,
-    TokenUsage,
-    build_usage,
-    normalize_usage,
-    usage_from_langchain,
-)
+from usage_callbacks.usage import CallType, TokenUsage, build_usage
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -340,22 +335,57 @@ def _is_cache_hit(metadatas: list[dict[str, Any]]) -> bool:
     return any(usage.get("total_cost") == 0 for usage in metadatas)
 
 
+#: What LangChain integrations put in ``llm_output`` (and generation info), by their
+#: ``ls_provider``: OpenAI-compatible ``token_usage`` unless listed here.
+_LLM_OUTPUT_SOURCES: dict[str, UsageSource] = {
+    "anthropic": "anthropic",
+    "xai": "xai",
+    "perplexity": "perplexity",
+    "google_genai": "gemini",
+    "google_vertexai": "gemini",
+    "amazon_bedrock": "bedrock-converse",
+    "bedrock": "bedrock-converse",
+    "ollama": "ollama",
+    "cohere": "cohere",
+    "litellm": "litellm",
+}
+#: Providers whose reasoning is billed beside the completion count LangChain reports.
+_REASONING_ADDITIVE = frozenset(("xai",))
+
+
 def _reported_usage(
-    response: LLMResult | None, generations: list[Any], metadatas: list[dict[str, Any]]
+    response: LLMResult | None,
+    generations: list[Any],
+    metadatas: list[dict[str, Any]],
+    provider: str | None = None,
 ) -> TokenUsage | None:
     """Provider numbers, from the most specific place LangChain put them: the messages'
     ``usage_metadata`` (``metadatas``), the LLM output, the generations' metadata."""
+    llm_output = (response.llm_output if response else None) or {}
+    source = _LLM_OUTPUT_SOURCES.get(provider or "", "openai-chat")
     # n > 1: every generation carries the same whole-request usage; count it once.
     distinct: list[dict[str, Any]] = []
     for usage in metadatas:
         if usage not in distinct:
             distinct.append(usage)
     if distinct:
-        first, *rest = map(usage_from_langchain, distinct)
-        return sum(rest, first)
-    llm_output = (response.llm_output if response else None) or {}
+        additive = provider in _REASONING_ADDITIVE
+        first, *rest = (usage_from_langchain(usage, additive) for usage in distinct)
+        total: TokenUsage = sum(rest, first)
+        raw_usage = llm_output.get("usage")
+        if (
+            source == "anthropic"
+            and isinstance(raw_usage, dict)
+            and raw_usage.get("server_tool_use")
+        ):
+            # usage_metadata has no server-tool counts; the raw usage beside it has
+            raw = normalize_usage(raw_usage, source=source, whole=False)
+            if raw is not None:
+                total = total.model_copy(update={"web_search_requests": raw.web_search_requests})
+        return total
     for key in ("token_usage", "usage"):
-        found = normalize_usage(llm_output.get(key))
+        place = llm_output.get(key)
+        found = normalize_usage(place, source=source, whole=False) if place else None
         if found is not None:
             return found
     for generation in generations:
@@ -363,7 +393,7 @@ def _reported_usage(
             getattr(generation, "generation_info", None),
             getattr(getattr(generation, "message", None), "response_metadata", None),
         ):
-            found = normalize_usage(place) if place else None
+            found = normalize_usage(place, source=source) if place else None
             if found is not None:
                 return found
     return None
@@ -391,7 +421,7 @@ def _record(
     generations = _generations(response)
     metadatas = [usage for usage in map(_usage_metadata, generations) if usage]
     cache_hit = error is None and _is_cache_hit(metadatas)
-    usage = _reported_usage(response, generations, metadatas)
+    usage = _reported_usage(response, generations, metadatas, state.provider)
     if usage is None and not cache_hit and (error is None or state.streamed or generations):
         usage = _estimate(state, generations)
     model = _response_model(response, generations) or state.model or UNKNOWN_MODEL

@@ -56,6 +56,7 @@ from llama_index.core.instrumentation.span import active_span_id
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from usage_callbacks.budgets import BudgetExceededError
+from usage_callbacks.readers import UsageSource, normalize_usage
 from usage_callbacks.runs import RunState
 from usage_callbacks.sessions import (
     SessionRoutes,
@@ -71,7 +72,7 @@ from usage_callbacks.tokens import (
     message_text,
 )
 from usage_callbacks.tracker import UsageTracker
-from usage_callbacks.usage import CallType, TokenUsage, build_usage, normalize_usage
+from usage_callbacks.usage import CallType, TokenUsage, build_usage
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -85,6 +86,23 @@ _PROVIDERS = (
     ("ollama", "ollama"),
     ("mistral", "mistral"),
     ("cohere", "cohere"),
+)
+#: What each LLM class puts in ``response.raw``, by a marker in its class name (first
+#: match wins: the specific names before the families they belong to). OpenAI-like
+#: classes (Groq, DeepSeek, OpenRouter, Mistral, ...) return OpenAI-shaped bodies.
+_RAW_SOURCES: tuple[tuple[str, UsageSource], ...] = (
+    ("litellm", "litellm"),
+    ("anthropic", "anthropic"),
+    ("bedrockconverse", "bedrock-converse"),
+    ("bedrock", "bedrock-invoke"),
+    ("gemini", "gemini"),
+    ("googlegenai", "gemini"),
+    ("vertex", "gemini"),
+    ("ollama", "ollama"),
+    ("cohere", "cohere"),
+    ("xai", "xai"),
+    ("grok", "xai"),
+    ("perplexity", "perplexity"),
 )
 
 # Enum members bound once: ``CBEventType.LLM`` goes through ``EnumType.__getattr__``
@@ -206,6 +224,13 @@ def _provider_of_class(class_name: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=256)
+def _raw_source(class_name: str) -> UsageSource:
+    """Cached like ``_provider_of_class``; OpenAI's whole-response reader by default."""
+    name = class_name.lower()
+    return next((source for marker, source in _RAW_SOURCES if marker in name), "openai")
+
+
 def _max_tokens(payload: dict[str, Any] | None, kwargs: dict[str, Any] | None) -> int | None:
     for source in (kwargs or {}, payload or {}):
         for key in ("max_tokens", "max_completion_tokens", "num_output"):
@@ -231,16 +256,17 @@ def _response_model(response: Any) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def _reported_usage(response: Any) -> TokenUsage | None:
-    """Provider numbers: the raw response first, then what integrations copy out."""
+def _reported_usage(response: Any, source: UsageSource) -> TokenUsage | None:
+    """Provider numbers: the raw response as its LLM class returns it, then the counts
+    OpenAI-like classes copy into ``additional_kwargs`` (streams with usage)."""
     if response is None:
         return None
-    for place in (getattr(response, "raw", None), getattr(response, "additional_kwargs", None)):
-        if place:
-            usage = normalize_usage(place)
-            if usage is not None and usage.total:
-                return usage
-    return None
+    raw = getattr(response, "raw", None)
+    usage = normalize_usage(raw, source=source) if raw else None
+    if usage is None and source == "openai":
+        copied = getattr(response, "additional_kwargs", None)
+        usage = normalize_usage(copied, source="openai-chat", whole=False) if copied else None
+    return usage
 
 
 def _prompt_estimate(state: RunState) -> int:
@@ -267,6 +293,10 @@ class _Call:
     parent_id: str | None
     span_id: str | None
 
+    @property
+    def class_name(self) -> str:
+        return str(self.payload.get("class_name") or "")
+
 
 def _start_run(
     tracker: UsageTracker,
@@ -290,7 +320,7 @@ def _start_run(
         tags=list(tags),
         sessions=sessions_of(tracker),
         inputs=call.inputs,
-        extra={"span_id": call.span_id},
+        extra={"span_id": call.span_id, "usage_source": _raw_source(call.class_name)},
     )
     state, is_new = tracker.runs.start(state)
     if not is_new:
@@ -334,7 +364,8 @@ def _finish_run(
         texts = [chunk for chunk in (chunks or []) if isinstance(chunk, str)]
         usage = build_usage(embedding=count_texts_tokens(texts, model), estimated=True)
     else:
-        usage = _reported_usage(response) or _estimate(state, response, streamed, error)
+        source = state.extra.get("usage_source", "openai")
+        usage = _reported_usage(response, source) or _estimate(state, response, streamed, error)
     tracker.record_run(state, usage, model=model, error=error)
 
 

@@ -25,7 +25,7 @@ logger = logging.getLogger("usage_callbacks")
 
 PICO = Decimal(10) ** 12
 #: Bumped when tables change; a database without a version row is v0 (pre-release builds).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: audio/image/tool/1h-cache counts, web searches, service tier
 
 
 def utcnow() -> datetime:
@@ -155,8 +155,16 @@ class UsageRecord(SQLModel, table=True):
     cache_read_tokens: int = Field(default=0, sa_type=sa.BigInteger)
     cache_write_tokens: int = Field(default=0, sa_type=sa.BigInteger)
     reasoning_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    cache_write_1h_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    input_audio_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    output_audio_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    input_image_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    output_image_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    tool_prompt_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    web_search_requests: int = Field(default=0, sa_type=sa.BigInteger)
     cost_estimate_usd: Decimal = Field(default=Decimal(0), sa_type=PicoUSD)
     estimated: bool = False
+    service_tier: str | None = Field(default=None, max_length=32)
 
     @property
     def usage(self) -> TokenUsage:
@@ -192,7 +200,7 @@ class UsageRecord(SQLModel, table=True):
         return trusted_instance(cls, values)
 
 
-#: The TokenUsage columns: token counts, then cost, then the estimated flag.
+#: The TokenUsage columns: token counts, then cost, then the estimated flag and tier.
 USAGE_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
@@ -201,8 +209,16 @@ USAGE_COLUMNS = (
     "cache_read_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "cache_write_1h_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
+    "tool_prompt_tokens",
+    "web_search_requests",
     "cost_estimate_usd",
     "estimated",
+    "service_tier",
 )
 RECORD_COLUMNS = tuple(UsageRecord.model_fields)
 #: Text columns and their widths: PostgreSQL refuses a longer value, and one refused row
