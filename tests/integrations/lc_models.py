@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 _CALLS_LOCK = threading.Lock()
+#: Integrations that report usage outside usage_metadata, by where they put it.
+_PROVIDER_REPORTING_IN = {"generation_info": "ollama", "response_metadata": "amazon_bedrock"}
 
 
 class CountingChatModel(BaseChatModel):
@@ -36,6 +38,14 @@ class CountingChatModel(BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "counting-chat"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """The provider whose integration reports usage where ``where`` says."""
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        provider = _PROVIDER_REPORTING_IN.get(self.where)
+        if provider:
+            params["ls_provider"] = provider
+        return params
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

@@ -310,4 +310,5 @@ def test_bad_usage_payloads_never_break_the_call(
     reply = Garbage(where="llm_output").invoke("hi", config={"callbacks": [handler]})
     assert reply.content
     record = _only(memory_tracker)
-    assert record.total_tokens == 0 and record.status == "ok"
+    # nothing usable reported: an estimate, flagged, rather than an exact-looking zero
+    assert record.estimated and record.total_tokens > 0 and record.status == "ok"
