@@ -52,7 +52,7 @@ def _tracker(url: str, *budgets: Budget, **kwargs: object) -> UsageTracker:
         ({}, "Budget(limit_usd=5)"),
         ({"limit_usd": -1}, "greater than 0"),
         ({"limit_tokens": 0}, "greater than 0"),
-        ({"limit_usd": 1, "per": "team"}, "'global', 'user', 'session' or 'model'"),
+        ({"limit_usd": 1, "per": "team"}, "'agent' or 'dimension:<key>'"),
         ({"limit_usd": 1, "period": "fortnight"}, "'minute', 'hour', 'day', 'week' or 'month'"),
         ({"limit_usd": 1, "period": timedelta(0)}, "period=timedelta"),
         ({"limit_usd": 1, "warn_at": 1.5}, "less than 1"),

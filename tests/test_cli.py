@@ -221,3 +221,80 @@ def test_html_report_renders_its_charts_in_chromium(populated: str, tmp_path: Pa
     # four day columns: 4 stacks x 3 models
     assert text.count('class="bar" data-model=') == 12
     assert text.count('data-kind="') == 6
+
+
+@pytest.fixture
+def attributed_db(tmp_path: Path) -> str:
+    """Calls in two graph nodes on two models, for two tenants."""
+    url = f"sqlite:///{tmp_path / 'graph.db'}"
+    with UsageTracker(url, dimensions=["tenant"]) as tracker:
+        for node, model, tenant, tokens in [
+            ("plan", "gpt-4o", "acme", 100),
+            ("plan", "gpt-4o-mini", "acme", 10),
+            ("act", "gpt-4o-mini", "globex", 30),
+        ]:
+            tracker.record(
+                TokenUsage(prompt_tokens=tokens, cost_estimate_usd=Decimal(tokens) / 1000),
+                model=model,
+                node=node,
+                thread_id="t1",
+                dimensions={"tenant": tenant},
+                ended_at=DAY0,
+            )
+    return url
+
+
+def test_summary_by_node_and_model_nests_the_second_level(attributed_db: str) -> None:
+    result = run("summary", "--db", attributed_db, "--by", "node,model")
+    assert result.returncode == 0, result.stderr
+    rows = [(line[:24].rstrip(), line.split()[-9]) for line in result.stdout.splitlines()[1:]]
+    assert rows == [
+        ("plan", "110"),
+        ("  gpt-4o", "100"),
+        ("  gpt-4o-mini", "10"),
+        ("act", "30"),
+        ("  gpt-4o-mini", "30"),
+        ("TOTAL", "140"),
+    ]
+    as_json = json.loads(
+        run("summary", "--db", attributed_db, "--by", "dimension:tenant", "--json").stdout
+    )
+    assert {g["key"]: g["usage"]["total_tokens"] for g in as_json["groups"]} == {
+        "acme": 110,
+        "globex": 30,
+    }
+
+
+def test_filters_by_attribution_reach_summary_export_and_purge(
+    attributed_db: str, tmp_path: Path
+) -> None:
+    only_acme = run(
+        "summary", "--db", attributed_db, "--dimension", "tenant=acme", "--node", "plan", "--json"
+    )
+    assert json.loads(only_acme.stdout)["calls"] == 2
+    out = tmp_path / "act.jsonl"
+    run("export", "--db", attributed_db, "--node", "act", "--format", "jsonl", "--out", str(out))
+    [line] = out.read_text().splitlines()
+    assert json.loads(line)["dimensions"] == {"tenant": "globex"}
+    purged = run(
+        "purge",
+        "--db",
+        attributed_db,
+        "--before",
+        "2030-01-01",
+        "--thread",
+        "t1",
+        "--model",
+        "gpt-4o",
+        "--yes",
+    )
+    assert purged.stdout.strip() == "deleted 1 records"
+
+
+@pytest.mark.parametrize(
+    "args", [("summary", "--by", "nodes"), ("summary", "--dimension", "tenant")]
+)
+def test_bad_attribution_arguments_exit_2(attributed_db: str, args: tuple[str, ...]) -> None:
+    result = run(*args, "--db", attributed_db)
+    assert result.returncode == 2
+    assert "node" in result.stderr or "key=value" in result.stderr

@@ -11,7 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Scope = Literal["global", "user", "session", "model"]
+#: "global", "user", "session", "model", "node", "agent" or "dimension:<declared key>".
+Scope = str
+_SCOPES = ("global", "user", "session", "model", "node", "agent")
+DIMENSION_SCOPE = "dimension:"
 Period = Literal["minute", "hour", "day", "week", "month"]
 
 #: Far enough to never roll over, early enough for every database's timestamp type.
@@ -35,6 +38,10 @@ class CallScope:
     session_id: str | None = None
     session_ids: tuple[str, ...] = ()
     model: str | None = None
+    node: str | None = None
+    agent: str | None = None
+    #: the call's declared dimensions, (key, value) sorted by key
+    dimensions: tuple[tuple[str, str], ...] = ()
 
 
 class Budget(BaseModel):
@@ -72,6 +79,11 @@ class Budget(BaseModel):
             )
         if isinstance(self.period, timedelta) and self.period <= timedelta(0):
             raise ValueError("a rolling period must be positive, e.g. period=timedelta(hours=1)")
+        if self.per not in _SCOPES and not self.per.startswith(DIMENSION_SCOPE):
+            raise ValueError(
+                f"per={self.per!r}: use {', '.join(map(repr, _SCOPES))} or 'dimension:<key>' "
+                "(a key declared with UsageTracker(dimensions=[...]))"
+            )
         if self.session_only is not None and self.per != "session":
             raise ValueError("session_only budgets must have per='session'")
         return self
@@ -100,7 +112,16 @@ class Budget(BaseModel):
             return self.session_only if self.session_only in call.session_ids else None
         if self.per == "global":
             return "*"
-        value = {"user": call.user_id, "session": call.session_id, "model": call.model}[self.per]
+        if self.per.startswith(DIMENSION_SCOPE):
+            value = dict(call.dimensions).get(self.per.removeprefix(DIMENSION_SCOPE))
+        else:
+            value = {
+                "user": call.user_id,
+                "session": call.session_id,
+                "model": call.model,
+                "node": call.node,
+                "agent": call.agent,
+            }[self.per]
         return value if value else ANONYMOUS
 
     def window(self, now: datetime) -> tuple[datetime, datetime]:

@@ -1,7 +1,8 @@
 """``usage-callbacks``: read spend without opening Python.
 
 Every subcommand takes ``--db URL`` (default ``$USAGE_CALLBACKS_DB`` or
-``sqlite:///usage.db``) and the filters ``--since/--until/--user/--session/--model``.
+``sqlite:///usage.db``) and the filters ``--since/--until/--user/--session/--model``,
+``--node/--agent/--thread/--run-name`` and ``--dimension key=value`` (repeatable).
 Bad input ends with one line on stderr and exit code 2.
 """
 
@@ -12,6 +13,7 @@ import csv
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -20,11 +22,13 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 from usage_callbacks.store import (
+    GroupSummary,
     SchemaTooNewError,
     StoreConfigurationError,
     UsageFilter,
     resolve_url,
 )
+from usage_callbacks.store.base import GROUP_COLUMNS, group_levels
 from usage_callbacks.store.models import RECORD_COLUMNS, UsageRecord
 from usage_callbacks.tracker import UsageTracker
 
@@ -46,6 +50,21 @@ def _when(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+def _group_by(text: str) -> str:
+    """One or two comma-separated levels: ``node``, ``node,model``, ``dimension:tenant``."""
+    try:
+        return ",".join(group_levels(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _dimension(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: write --dimension key=value")
+    return key, value
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments end in one line on stderr and exit code 2, not a usage dump."""
 
@@ -63,12 +82,27 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--user")
     common.add_argument("--session")
     common.add_argument("--model")
+    common.add_argument("--node", help="graph node or workflow step")
+    common.add_argument("--agent")
+    common.add_argument("--thread", help="conversation thread id")
+    common.add_argument("--run-name", help="nearest named runnable above the call")
+    common.add_argument(
+        "--dimension",
+        type=_dimension,
+        action="append",
+        metavar="KEY=VALUE",
+        help="a declared metadata dimension (repeatable), e.g. tenant=acme",
+    )
     parser = _Parser(
         prog="usage-callbacks", description="Token usage, cost and budgets of LLM applications."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", parents=[common], help="totals and percentiles")
-    summary.add_argument("--by", choices=["model", "user", "provider", "session", "day"])
+    summary.add_argument(
+        "--by",
+        type=_group_by,
+        help=f"one or two of {', '.join(GROUP_COLUMNS)}, dimension:<key> (e.g. node,model)",
+    )
     summary.add_argument("--json", action="store_true", help="machine-readable output")
     report = commands.add_parser("report", parents=[common], help="Markdown or HTML report")
     report.add_argument("--out", required=True, type=Path, help="usage.md or usage.html")
@@ -110,6 +144,11 @@ def _filter(args: argparse.Namespace) -> UsageFilter:
         model=args.model,
         since=args.since,
         until=args.until,
+        node=args.node,
+        agent=args.agent,
+        thread_id=args.thread,
+        run_name=args.run_name,
+        dimensions=dict(args.dimension) if args.dimension else None,
     )
 
 
@@ -135,10 +174,8 @@ def cmd_summary(args: argparse.Namespace, out: IO[str]) -> int:
     )
     print(header, file=out)
     groups = summary.groups if args.by else []
-    for label, group in [(g.key or "-", g) for g in groups]:
-        _summary_line(
-            out, label, group.calls, group.usage, group.stats, group.first_call, group.last_call
-        )
+    for group in groups:
+        _group_lines(out, group, "")
     _summary_line(
         out,
         "TOTAL",
@@ -149,6 +186,16 @@ def cmd_summary(args: argparse.Namespace, out: IO[str]) -> int:
         summary.period_end,
     )
     return 0
+
+
+def _group_lines(out: IO[str], group: GroupSummary, indent: str) -> None:
+    """A group's line, then its second-level groups indented under it."""
+    label = indent + (group.key or "-")
+    _summary_line(
+        out, label, group.calls, group.usage, group.stats, group.first_call, group.last_call
+    )
+    for inner in group.groups:
+        _group_lines(out, inner, indent + "  ")
 
 
 def _summary_line(
@@ -214,6 +261,7 @@ def cmd_export(args: argparse.Namespace, out: IO[str]) -> int:
             for row in _rows(tracker.store.iter_records(where)):
                 if args.format == "csv":
                     row["tags"] = json.dumps(row["tags"])
+                    row["dimensions"] = json.dumps(row["dimensions"] or {})
                     writer.writerow(row)
                 else:
                     handle.write(json.dumps(row, default=_json_default) + "\n")
@@ -227,7 +275,9 @@ def cmd_export(args: argparse.Namespace, out: IO[str]) -> int:
 
 def cmd_purge(args: argparse.Namespace, out: IO[str]) -> int:
     with _open(args) as tracker:
-        doomed = tracker.store.summary(UsageFilter(until=args.before), None).calls
+        cutoff = min(args.before, args.until) if args.until else args.before
+        where = replace(_filter(args), until=cutoff)
+        doomed = tracker.store.summary(where, None).calls
         if not doomed:
             print("nothing to purge", file=out)
             return 0
@@ -239,7 +289,8 @@ def cmd_purge(args: argparse.Namespace, out: IO[str]) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted", file=out)
                 return 0
-        deleted = tracker.purge(args.before)
+        tracker.flush()
+        deleted = tracker.store.purge(cutoff, where)
     print(f"deleted {deleted:,} records", file=out)
     return 0
 

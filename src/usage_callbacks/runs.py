@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from usage_callbacks.attribution import NO_ATTRIBUTION, Attribution
 from usage_callbacks.usage import CallType, TokenUsage
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class RunState:
     user_id: str | None = None
     session_id: str | None = None
     tags: list[str] = field(default_factory=list)
+    attribution: Attribution = NO_ATTRIBUTION
     sessions: tuple[UsageSession, ...] = ()
     reservation: Reservation | None = None
     prompt_estimate: TokenUsage | None = None

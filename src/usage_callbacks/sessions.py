@@ -20,6 +20,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from usage_callbacks.attribution import Dimensions
 from usage_callbacks.usage import TokenUsage, logger
 
 if TYPE_CHECKING:
@@ -98,14 +99,19 @@ class UsageSession:
         *,
         user_id: str | None = None,
         tags: list[str] | None = None,
+        dimensions: Dimensions = (),
     ) -> None:
         self.tracker = tracker
         self.session_id = name or uuid.uuid4().hex
         self.user_id = user_id
         self.tags = list(tags or [])
+        #: given to every call made inside (declared keys, checked by the tracker)
+        self.dimensions = dimensions
         self._lock = threading.Lock()
         self._usage = TokenUsage()
         self._by_model: dict[str, TokenUsage] = {}
+        self._by_node: dict[str, TokenUsage] = {}
+        self._by_agent: dict[str, TokenUsage] = {}
         self._calls = 0
         self._tokens: list[contextvars.Token[tuple[UsageSession, ...]]] = []
         self._hook_exits: list[list[AbstractContextManager[object]]] = []
@@ -125,6 +131,18 @@ class UsageSession:
             return dict(self._by_model)
 
     @property
+    def by_node(self) -> dict[str, TokenUsage]:
+        """Usage per graph node or workflow step (calls outside one are left out)."""
+        with self._lock:
+            return dict(self._by_node)
+
+    @property
+    def by_agent(self) -> dict[str, TokenUsage]:
+        """Usage per named agent (calls outside one are left out)."""
+        with self._lock:
+            return dict(self._by_agent)
+
+    @property
     def calls(self) -> int:
         with self._lock:
             return self._calls
@@ -140,6 +158,12 @@ class UsageSession:
         with self._lock:
             self._usage = self._usage + usage
             self._by_model[model] = self._by_model.get(model, TokenUsage()) + usage
+            if record.node:
+                self._by_node[record.node] = self._by_node.get(record.node, TokenUsage()) + usage
+            if record.agent:
+                self._by_agent[record.agent] = (
+                    self._by_agent.get(record.agent, TokenUsage()) + usage
+                )
             self._calls += 1
 
     # ------------------------------------------------------------------ context

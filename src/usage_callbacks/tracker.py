@@ -6,8 +6,8 @@ import atexit
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +15,17 @@ from types import TracebackType
 from typing import Any, Literal, Protocol
 
 from usage_callbacks.allowances import BudgetAllowances
+from usage_callbacks.attribution import (
+    NO_ATTRIBUTION,
+    Attribution,
+    Dimensions,
+    check_dimension_keys,
+    check_given_dimensions,
+    declared_dimensions,
+    merge_dimensions,
+)
 from usage_callbacks.budgets import (
+    DIMENSION_SCOPE,
     Budget,
     BudgetExceededError,
     BudgetUnavailableError,
@@ -82,6 +92,11 @@ class UsageTracker:
     calls' worth), renewed in one transaction when it runs short. Other processes see
     the hold, so a shared limit is never overspent; 0 holds only what calls need and
     books every call at once (two transactions a call, nothing held ahead).
+
+    ``dimensions`` declares the metadata keys kept per call (``["tenant", "feature"]``),
+    from LangChain run metadata, handler and session arguments and LlamaIndex; no other
+    metadata is stored. Summaries group by ``"dimension:tenant"``, budgets apply
+    ``per="dimension:tenant"``.
     """
 
     def __init__(
@@ -101,12 +116,19 @@ class UsageTracker:
         max_buffer: int = 10_000,
         spill_path: str | Path | None = None,
         budget_lease_fraction: float = LeasePolicy.fraction,
+        dimensions: Iterable[str] = (),
     ) -> None:
         if not 0 <= budget_lease_fraction < 1:
             raise ValueError("budget_lease_fraction must be in [0, 1); 0 books every call")
         if budget_failure_mode not in ("closed", "open"):
             raise ValueError("budget_failure_mode must be 'closed' (refuse) or 'open' (allow)")
+        self.dimensions = check_dimension_keys(
+            [dimensions] if isinstance(dimensions, str) else dimensions
+        )
+        self.declared_dimensions = frozenset(self.dimensions)
         self.store = open_store(url)
+        if self.dimensions:
+            self.store.index_dimensions(self.dimensions)
         self.pricer = Pricer(prices)
         self.runs = RunRegistry()
         self.durable = durable
@@ -146,6 +168,12 @@ class UsageTracker:
     def add_budget(self, budget: Budget) -> None:
         if not isinstance(budget, Budget):
             raise TypeError(f"add_budget takes a Budget, not {type(budget).__name__}")
+        key = budget.per.removeprefix(DIMENSION_SCOPE)
+        if budget.per.startswith(DIMENSION_SCOPE) and key not in self.declared_dimensions:
+            raise ValueError(
+                f"budget per={budget.per!r}: declare the dimension first, "
+                f"UsageTracker(dimensions=[{key!r}, ...])"
+            )
         with self._budget_lock:
             if any(existing.label == budget.label for existing in self._budgets):
                 raise ValueError(
@@ -190,12 +218,16 @@ class UsageTracker:
         user_id: str | None,
         session_id: str | None,
         sessions: Sequence[UsageSession],
+        attribution: Attribution = NO_ATTRIBUTION,
     ) -> CallScope:
         return CallScope(
             user_id=user_id,
             session_id=session_id,
             session_ids=tuple(session.session_id for session in sessions) if sessions else (),
             model=model,
+            node=attribution.node,
+            agent=attribution.agent,
+            dimensions=attribution.dimensions,
         )
 
     def reserve(
@@ -209,19 +241,22 @@ class UsageTracker:
         user_id: str | None = None,
         session_id: str | None = None,
         sessions: Sequence[UsageSession] | None = None,
+        attribution: Attribution = NO_ATTRIBUTION,
     ) -> Reservation | None:
         """Hold the most this call can cost against every budget that applies.
 
         Raises BudgetExceededError (holding nothing) when any budget would be exceeded.
         Returns None when no budget applies. ``max_output_tokens`` None means the
-        tracker's ``default_output_allowance``.
+        tracker's ``default_output_allowance``. ``attribution`` places the call for
+        budgets per node, agent or dimension (sessions add their dimensions).
         """
         if not self.has_budgets:
             return None
         sessions = self._sessions(sessions)
         if sessions:
             user_id, session_id = self._defaults(user_id, session_id, sessions)
-        charges = self._charges(self._scope(model, user_id, session_id, sessions))
+            attribution = _with_session_dimensions(attribution, sessions)
+        charges = self._charges(self._scope(model, user_id, session_id, sessions, attribution))
         if not charges:
             return None
         if embedding_tokens:
@@ -308,17 +343,27 @@ class UsageTracker:
         cache_hit: bool = False,
         sessions: Sequence[UsageSession] | None = None,
         reservation: Reservation | None = None,
+        node: str | None = None,
+        agent: str | None = None,
+        thread_id: str | None = None,
+        run_name: str | None = None,
+        root_run_name: str | None = None,
+        dimensions: Mapping[str, Any] | None = None,
     ) -> UsageRecord:
         """Price, book against budgets, add to open sessions, queue for storage, export.
 
         Usage that already carries a cost keeps it; otherwise it is priced here. A cache
         hit bills nothing. Storage and budget failures are logged, never raised; a naive
         or non-datetime time is refused (ValueError, TypeError) before anything is kept.
+        ``node`` ... ``dimensions`` say where the call was made; only the declared
+        dimension keys are kept, the rest is dropped.
         """
+        kept = declared_dimensions(self.declared_dimensions, dimensions)
         sessions = self._sessions(sessions)
         if sessions:
             user_id, session_id = self._defaults(user_id, session_id, sessions)
             tags = [*(tags or ()), *(tag for session in sessions for tag in session.tags)]
+            kept = merge_dimensions(_session_dimensions(sessions), kept)
         # checked here, not in the writer: a naive time would fail its batch again and again
         ended_at = utcnow() if ended_at is None else _as_utc(ended_at, "ended_at")
         if started_at is not None:
@@ -344,6 +389,12 @@ class UsageTracker:
             "status": status,
             "error_type": error_type,
             "cache_hit": cache_hit,
+            "node": node,
+            "agent": agent,
+            "thread_id": thread_id,
+            "run_name": run_name,
+            "root_run_name": root_run_name,
+            "dimensions": dict(kept) if kept else None,
         }
         if cache_hit:
             values.update(_NOTHING_BILLED)
@@ -395,6 +446,12 @@ class UsageTracker:
             cache_hit=cache_hit,
             sessions=state.sessions,
             reservation=state.reservation,
+            node=state.attribution.node,
+            agent=state.attribution.agent,
+            thread_id=state.attribution.thread_id,
+            run_name=state.attribution.run_name,
+            root_run_name=state.attribution.root_run_name,
+            dimensions=dict(state.attribution.dimensions),
         )
 
     def _settle(
@@ -403,7 +460,9 @@ class UsageTracker:
         if reservation is not None:
             charges = reservation.charges
         elif self.has_budgets:
-            scope = self._scope(record.model, record.user_id, record.session_id, sessions)
+            scope = self._scope(
+                record.model, record.user_id, record.session_id, sessions, _attribution(record)
+            )
             charges = self._charges(scope)
         else:
             return
@@ -458,9 +517,19 @@ class UsageTracker:
         tags: Sequence[str] | None = None,
         max_tokens: int | None = None,
         max_cost_usd: Decimal | float | str | None = None,
+        dimensions: Mapping[str, Any] | None = None,
     ) -> UsageSession:
-        """A context manager totalling every call made inside it, with an optional budget."""
-        session = UsageSession(self, name, user_id=user_id, tags=list(tags or []))
+        """A context manager totalling every call made inside it, with an optional budget.
+
+        ``dimensions`` (declared keys only) are given to every call made inside it.
+        """
+        session = UsageSession(
+            self,
+            name,
+            user_id=user_id,
+            tags=list(tags or []),
+            dimensions=check_given_dimensions(self.declared_dimensions, dimensions),
+        )
         if max_tokens is not None or max_cost_usd is not None:
             budget = Budget(
                 limit_usd=max_cost_usd,
@@ -487,12 +556,18 @@ class UsageTracker:
     # ------------------------------------------------------------------ reading
 
     def records(self, *, limit: int | None = None, **filters: Any) -> list[UsageRecord]:
-        """Stored records; filters: user_id, session_id, model, provider, since, until."""
+        """Stored records; filters: user_id, session_id, model, provider, since, until,
+        node, agent, thread_id, run_name, root_run_name, dimensions={key: value}."""
         self.flush()
         return self.store.records(UsageFilter(**filters), limit)
 
     def summary(self, group_by: GroupBy | None = None, **filters: Any) -> UsageSummary:
-        """Totals, per-group totals and per-call token percentiles, aggregated in SQL."""
+        """Totals, per-group totals and per-call token percentiles, aggregated in SQL.
+
+        ``group_by``: model, user, provider, session, day, node, agent, thread,
+        run_name, root_run_name or dimension:<key>; two levels as ``"node,model"``
+        (each group then holds its second-level ``groups``). Filters as for records().
+        """
         self.flush()
         return self.store.summary(UsageFilter(**filters), group_by)
 
@@ -505,10 +580,11 @@ class UsageTracker:
         """Where records go when the database is away and the buffer is full."""
         return self._writer.spill_path
 
-    def purge(self, before: datetime) -> int:
-        """Delete records that ended before ``before``; returns how many."""
+    def purge(self, before: datetime, **filters: Any) -> int:
+        """Delete records that ended before ``before`` (and match the filters, as for
+        records()); returns how many."""
         self.flush()
-        return self.store.purge(before)
+        return self.store.purge(before, UsageFilter(**filters))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -554,6 +630,32 @@ class UsageTracker:
 _NOTHING_BILLED = {name: 0 for name in TokenUsage.model_fields if name.endswith("_tokens")} | {
     "cost_estimate_usd": Decimal(0)
 }
+
+
+def _session_dimensions(sessions: Sequence[UsageSession]) -> Dimensions:
+    """The open sessions' dimensions, inner sessions overriding outer ones."""
+    found: Dimensions = ()
+    for session in sessions:
+        found = merge_dimensions(found, session.dimensions)
+    return found
+
+
+def _with_session_dimensions(
+    attribution: Attribution, sessions: Sequence[UsageSession]
+) -> Attribution:
+    outer = _session_dimensions(sessions)
+    if not outer:
+        return attribution
+    return replace(attribution, dimensions=merge_dimensions(outer, attribution.dimensions))
+
+
+def _attribution(record: UsageRecord) -> Attribution:
+    """A stored call's attribution, as budgets see it."""
+    return Attribution(
+        node=record.node,
+        agent=record.agent,
+        dimensions=tuple(sorted(record.dimensions.items())) if record.dimensions else (),
+    )
 
 
 def _as_utc(moment: datetime, name: str) -> datetime:

@@ -2,17 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, Field
 
+from usage_callbacks.attribution import check_dimension_keys
 from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.usage import TokenUsage
 
-GroupBy = Literal["model", "user", "provider", "session", "day"]
+#: ``"node"``, ``"node,model"``, ``("node", "model")``, ``"dimension:tenant"``: see
+#: ``group_levels``.
+GroupBy = str | Sequence[str]
+
+#: What a summary groups by, and the record column behind it ("day" is computed).
+GROUP_COLUMNS = {
+    "model": "model",
+    "user": "user_id",
+    "provider": "provider",
+    "session": "session_id",
+    "day": "ended_at",
+    "node": "node",
+    "agent": "agent",
+    "thread": "thread_id",
+    "run_name": "run_name",
+    "root_run_name": "root_run_name",
+}
+DIMENSION_PREFIX = "dimension:"
+MAX_GROUP_LEVELS = 2
+
+
+def group_levels(group_by: GroupBy | None) -> tuple[str, ...]:
+    """``group_by`` as its levels (at most two), each checked; () for no grouping."""
+    if group_by is None:
+        return ()
+    parts = group_by.split(",") if isinstance(group_by, str) else list(group_by)
+    levels = tuple(str(part).strip() for part in parts if str(part).strip())
+    if len(levels) > MAX_GROUP_LEVELS:
+        raise ValueError(f"group by at most {MAX_GROUP_LEVELS} levels, e.g. 'node,model'")
+    for level in levels:
+        if level.startswith(DIMENSION_PREFIX):
+            check_dimension_keys([level.removeprefix(DIMENSION_PREFIX)])
+        elif level not in GROUP_COLUMNS:
+            raise ValueError(
+                f"cannot group by {level!r}; use one or two of {', '.join(GROUP_COLUMNS)} "
+                "or dimension:<key>, e.g. 'node,model'"
+            )
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"group by {','.join(levels)!r} names a level twice")
+    return levels
 
 
 @dataclass(frozen=True)
@@ -25,12 +65,21 @@ class UsageFilter:
     provider: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    node: str | None = None
+    agent: str | None = None
+    thread_id: str | None = None
+    run_name: str | None = None
+    root_run_name: str | None = None
+    #: every key given must have this value
+    dimensions: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("since", "until"):
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
                 raise ValueError(f"{name}={value!r} is naive; pass a timezone-aware datetime")
+        if self.dimensions:
+            check_dimension_keys(self.dimensions)
 
 
 class TokenStats(BaseModel):
@@ -53,10 +102,13 @@ class GroupSummary(BaseModel):
     stats: TokenStats
     first_call: datetime | None = None
     last_call: datetime | None = None
+    #: the second level's groups (largest cost first) when grouped by two levels
+    groups: list[GroupSummary] = Field(default_factory=list)
 
 
 class UsageSummary(BaseModel):
-    group_by: GroupBy | None = None
+    #: the levels, comma-separated ("node,model"); None when not grouped
+    group_by: str | None = None
     usage: TokenUsage = Field(default_factory=TokenUsage)
     calls: int = 0
     errors: int = 0
@@ -90,6 +142,8 @@ class UsageStore(Protocol):
 
     def summary(self, where: UsageFilter, group_by: GroupBy | None) -> UsageSummary: ...
 
-    def purge(self, before: datetime) -> int: ...
+    def purge(self, before: datetime, where: UsageFilter | None = None) -> int:
+        """Delete the records ended before ``before`` that ``where`` matches."""
+        ...
 
     def close(self) -> None: ...

@@ -65,7 +65,7 @@ class BudgetDefinition(SQLModel, table=True):
     budget: str = Field(primary_key=True, max_length=256)
     limit_pico: int | None = Field(default=None, sa_type=sa.BigInteger)
     limit_tokens: int | None = Field(default=None, sa_type=sa.BigInteger)
-    per: str = Field(max_length=16)
+    per: str = Field(max_length=64)  # "dimension:<key>"
     period: str | None = Field(default=None, max_length=16)
     rolling_seconds: float | None = None
 

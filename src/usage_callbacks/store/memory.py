@@ -26,9 +26,9 @@ class MemoryStore(SqlStore):
         with self.lock:
             super().write(records)
 
-    def purge(self, before: datetime) -> int:
+    def purge(self, before: datetime, where: UsageFilter | None = None) -> int:
         with self.lock:
-            return super().purge(before)
+            return super().purge(before, where)
 
     def records(
         self, where: UsageFilter, limit: int | None = None, newest_first: bool = False

@@ -25,7 +25,8 @@ logger = logging.getLogger("usage_callbacks")
 
 PICO = Decimal(10) ** 12
 #: Bumped when tables change; a database without a version row is v0 (pre-release builds).
-SCHEMA_VERSION = 2  # 2: audio/image/tool/1h-cache counts, web searches, service tier
+#: 2: audio/image/tool/1h-cache counts, web searches, service tier; 3: attribution
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -128,6 +129,17 @@ class UsageRecord(SQLModel, table=True):
         sa.Index("ix_usage_records_user_ended", "user_id", "ended_at"),
         sa.Index("ix_usage_records_session_ended", "session_id", "ended_at"),
         sa.Index("ix_usage_records_model_ended", "model", "ended_at"),
+        # attribution: partial, so calls without one cost their index nothing
+        *(
+            sa.Index(
+                f"ix_usage_records_{name}_ended",
+                name,
+                "ended_at",
+                sqlite_where=sa.text(f"{name} IS NOT NULL"),
+                postgresql_where=sa.text(f"{name} IS NOT NULL"),
+            )
+            for name in ("node", "agent", "thread_id", "run_name", "root_run_name")
+        ),
     )
 
     id: str = Field(default_factory=new_record_id, primary_key=True, max_length=32)
@@ -147,6 +159,13 @@ class UsageRecord(SQLModel, table=True):
     error_type: str | None = Field(default=None, max_length=256)
     cache_hit: bool = False
     cost_known: bool = False
+    # attribution (see attribution.py): None when unknown
+    node: str | None = Field(default=None, max_length=256)
+    agent: str | None = Field(default=None, max_length=256)
+    thread_id: str | None = Field(default=None, max_length=256)
+    run_name: str | None = Field(default=None, max_length=256)
+    root_run_name: str | None = Field(default=None, max_length=256)
+    dimensions: dict[str, str] | None = Field(default=None, sa_type=sa.JSON)
 
     prompt_tokens: int = Field(default=0, sa_type=sa.BigInteger)
     completion_tokens: int = Field(default=0, sa_type=sa.BigInteger)

@@ -7,7 +7,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,13 +17,17 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, select
 
+from usage_callbacks.attribution import check_dimension_keys
 from usage_callbacks.store.base import (
+    DIMENSION_PREFIX,
+    GROUP_COLUMNS,
     DailyUsage,
     GroupBy,
     GroupSummary,
     TokenStats,
     UsageFilter,
     UsageSummary,
+    group_levels,
 )
 from usage_callbacks.store.ledger import BudgetLedger
 from usage_callbacks.store.models import (
@@ -122,18 +126,24 @@ class SqlStore:
 
     # ------------------------------------------------------------------ schema
 
+    @contextmanager
+    def _schema_change(self) -> Iterator[sa.Connection]:
+        """A transaction that changes the schema, one process at a time."""
+        with self.lock, self.engine.connect() as connection:
+            if self.dialect == "sqlite":
+                connection.info["begin_mode"] = "IMMEDIATE"
+            with connection.begin():
+                if self.dialect == "postgresql":
+                    connection.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID}
+                    )
+                yield connection
+
     def _ensure_schema(self) -> None:
         """Create or upgrade the tables, one process at a time."""
         try:
-            with self.lock, self.engine.connect() as connection:
-                if self.dialect == "sqlite":
-                    connection.info["begin_mode"] = "IMMEDIATE"
-                with connection.begin():
-                    if self.dialect == "postgresql":
-                        connection.execute(
-                            sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID}
-                        )
-                    self._migrate(connection)
+            with self._schema_change() as connection:
+                self._migrate(connection)
         except sa.exc.DatabaseError as error:
             raise StoreConfigurationError(
                 f"cannot use {self._safe_url()} as a usage database: {error.orig}"
@@ -152,6 +162,8 @@ class SqlStore:
             )
         if version < SCHEMA_VERSION:
             added = _add_missing_columns(connection)
+            _create_missing_indexes(connection)
+            _widen_text_columns(connection)
             logger.warning(
                 "upgraded %s from schema v%d to v%d (added %s)",
                 self._safe_url(),
@@ -183,13 +195,35 @@ class SqlStore:
             statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
             connection.execute(statement, [record.row() for record in records])
 
-    def purge(self, before: datetime) -> int:
-        with self.engine.begin() as connection:
-            result = connection.execute(
-                sa.delete(UsageRecord).where(
-                    UsageRecord.ended_at < before  # type: ignore[arg-type]
+    def index_dimensions(self, keys: Sequence[str]) -> None:
+        """An index per declared dimension, so filters by its value seek, not scan.
+
+        Partial (only rows with dimensions), on the very expression filters use.
+        """
+        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        with self._schema_change() as connection:
+            for key in check_dimension_keys(keys):
+                expression = self._dimension_sql(key)
+                connection.exec_driver_sql(
+                    f"CREATE INDEX IF NOT EXISTS ix_usage_records_dim_{key} ON "
+                    f"{table.name} (({expression}), ended_at) WHERE dimensions IS NOT NULL"
                 )
-            )
+
+    def _dimension_sql(self, key: str) -> str:
+        """The text of a dimension's value, as SQL; ``key`` is a checked identifier, and
+        the path is a literal so that the planner matches the expression index."""
+        if self.dialect == "postgresql":
+            return f"dimensions ->> '{key}'"
+        return f"json_extract(dimensions, '$.{key}')"
+
+    def _dimension_column(self, key: str) -> sa.ColumnElement[Any]:
+        return sa.literal_column(f"({self._dimension_sql(key)})", sa.String)
+
+    def purge(self, before: datetime, where: UsageFilter | None = None) -> int:
+        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        statement = self._where(sa.delete(table), where or UsageFilter())
+        with self.engine.begin() as connection:
+            result = connection.execute(statement.where(table.c.ended_at < before))
             return int(result.rowcount or 0)
 
     # ------------------------------------------------------------------ reads
@@ -244,40 +278,53 @@ class SqlStore:
                 session.expunge(record)
                 yield record
 
-    @staticmethod
-    def _where(statement: Any, where: UsageFilter) -> Any:
+    def _where(self, statement: Any, where: UsageFilter) -> Any:
         columns = UsageRecord.__table__.c  # type: ignore[attr-defined]
-        for name in ("user_id", "session_id", "model", "provider"):
+        for name in _FILTER_COLUMNS:
             value = getattr(where, name)
             if value is not None:
                 statement = statement.where(columns[name] == value)
+        if where.dimensions:
+            statement = statement.where(columns.dimensions.is_not(None))
+            for key, value in where.dimensions.items():
+                statement = statement.where(self._dimension_column(key) == value)
         if where.since is not None:
             statement = statement.where(columns.ended_at >= where.since)
         if where.until is not None:
             statement = statement.where(columns.ended_at < where.until)
         return statement
 
-    def _group_column(self, group_by: GroupBy | None) -> sa.ColumnElement[Any]:
+    def _group_column(self, level: str | None, index: int = 0) -> sa.ColumnElement[Any]:
         columns = UsageRecord.__table__.c  # type: ignore[attr-defined]
-        if group_by is None:
-            return sa.literal("all").label("group_key")
-        if group_by == "day":
+        label = f"group_key{index or ''}"
+        if level is None:
+            return sa.literal("all").label(label)
+        if level == "day":
             if self.dialect == "sqlite":
-                return sa.func.date(columns.ended_at).label("group_key")
-            return sa.cast(sa.cast(columns.ended_at, sa.Date), sa.String).label("group_key")
-        name = {"user": "user_id", "session": "session_id"}.get(group_by, group_by)
-        column: sa.ColumnElement[Any] = columns[name]
-        return column.label("group_key")
+                return sa.func.date(columns.ended_at).label(label)
+            return sa.cast(sa.cast(columns.ended_at, sa.Date), sa.String).label(label)
+        if level.startswith(DIMENSION_PREFIX):
+            return self._dimension_column(level.removeprefix(DIMENSION_PREFIX)).label(label)
+        column: sa.ColumnElement[Any] = columns[GROUP_COLUMNS[level]]
+        return column.label(label)
+
+    def _group_columns(self, levels: tuple[str, ...]) -> list[sa.ColumnElement[Any]]:
+        if not levels:
+            return [self._group_column(None)]
+        return [self._group_column(level, index) for index, level in enumerate(levels)]
 
     def summary(self, where: UsageFilter, group_by: GroupBy | None) -> UsageSummary:
         """Totals, groups and token percentiles from one aggregate query.
 
         The overall line is merged from the groups' sums and histograms, so grouping
-        costs no extra pass over the table.
+        costs no extra pass over the table. Two levels (``"node,model"``) are grouped
+        in the same query; the first level's groups are folded from the second's.
         """
-        groups, histograms = self._grouped(where, group_by)
+        levels = group_levels(group_by)
+        groups, histograms = self._grouped(where, levels)
+        name = ",".join(levels) or None
         if not groups:
-            return UsageSummary(group_by=group_by)
+            return UsageSummary(group_by=name)
         merged: Counter[int] = Counter()
         for histogram in histograms:
             for value, count in histogram:
@@ -285,18 +332,18 @@ class SqlStore:
         usage = sum((group.usage for group in groups), TokenUsage())
         calls = sum(group.calls for group in groups)
         return UsageSummary(
-            group_by=group_by,
+            group_by=name,
             usage=usage,
             calls=calls,
             errors=sum(group.errors for group in groups),
             stats=_token_stats(list(merged.items()), calls, usage.total),
             period_start=min(g.first_call for g in groups if g.first_call),
             period_end=max(g.last_call for g in groups if g.last_call),
-            groups=groups if group_by else [],
+            groups=groups if levels else [],
         )
 
     def _grouped(
-        self, where: UsageFilter, group_by: GroupBy | None
+        self, where: UsageFilter, levels: tuple[str, ...]
     ) -> tuple[list[GroupSummary], list[list[tuple[int, int]]]]:
         """Groups (largest cost first) with their histograms of per-call totals.
 
@@ -304,48 +351,66 @@ class SqlStore:
         is several times faster than ranking every row with window functions.
         """
         if self.dialect == "sqlite":
-            sums, histograms = self._sqlite_group_rows(where, group_by)
+            sums, histograms = self._sqlite_group_rows(where, levels)
         else:
-            sums, histograms = self._server_group_rows(where, group_by)
-        summaries = [_fold_group(key, rows, histograms[key]) for key, rows in sums.items()]
-        summaries.sort(key=lambda pair: (-pair[0].usage.cost_estimate_usd, pair[0].key or ""))
-        return [summary for summary, _ in summaries], [histogram for _, histogram in summaries]
+            sums, histograms = self._server_group_rows(where, levels)
+        if len(levels) < 2:
+            pairs = [_fold_group(key[0], rows, histograms[key]) for key, rows in sums.items()]
+            return _largest_first(pairs)
+        outer_rows: dict[Any, list[Sequence[Any]]] = {}
+        outer_histograms: dict[Any, list[tuple[int, int]]] = {}
+        inner: dict[Any, list[tuple[GroupSummary, list[tuple[int, int]]]]] = {}
+        for (outer, key), rows in sums.items():
+            outer_rows.setdefault(outer, []).extend(rows)
+            outer_histograms.setdefault(outer, []).extend(histograms[(outer, key)])
+            inner.setdefault(outer, []).append(_fold_group(key, rows, histograms[(outer, key)]))
+        pairs = []
+        for outer, rows in outer_rows.items():
+            summary, histogram = _fold_group(outer, rows, outer_histograms[outer])
+            summary.groups = _largest_first(inner[outer])[0]
+            pairs.append((summary, histogram))
+        return _largest_first(pairs)
 
-    def _sqlite_group_rows(self, where: UsageFilter, group_by: GroupBy | None) -> _GroupRows:
+    def _sqlite_group_rows(self, where: UsageFilter, levels: tuple[str, ...]) -> _GroupRows:
         """One pass grouped by (total_tokens, group) carries every sum.
 
         SQLite sorts every row for a GROUP BY; two passes (sums, then histogram) paid
         for that twice. total_tokens leads: the sorter compares an integer key faster.
         """
         c = UsageRecord.__table__.c  # type: ignore[attr-defined]
-        group = self._group_column(group_by)
-        query = self._where(sa.select(group, *_sum_columns(), c.total_tokens), where).group_by(
-            c.total_tokens, group
+        groups = self._group_columns(levels)
+        width = len(groups)
+        query = self._where(sa.select(*groups, *_sum_columns(), c.total_tokens), where).group_by(
+            c.total_tokens, *groups
         )
         sums: dict[Any, list[Sequence[Any]]] = {}
         histograms: dict[Any, list[tuple[int, int]]] = {}
         for rows in self._fetch_grouped_rows(query, where):
             for row in rows:
-                sums.setdefault(row[0], []).append(row)
-                histograms.setdefault(row[0], []).append((int(row[-1]), int(row[1])))
+                key = tuple(row[:width])
+                sums.setdefault(key, []).append(row[width:])
+                histograms.setdefault(key, []).append((int(row[-1]), int(row[width])))
         return sums, histograms
 
-    def _server_group_rows(self, where: UsageFilter, group_by: GroupBy | None) -> _GroupRows:
+    def _server_group_rows(self, where: UsageFilter, levels: tuple[str, ...]) -> _GroupRows:
         """Sums per group, then a histogram: PostgreSQL hashes both, whereas one pass
         carrying the sums per (total_tokens, group) sorted (and spilled) instead."""
         c = UsageRecord.__table__.c  # type: ignore[attr-defined]
-        group = self._group_column(group_by)
-        sums_query = self._where(sa.select(group, *_sum_columns()), where).group_by(group)
+        groups = self._group_columns(levels)
+        width = len(groups)
+        sums_query = self._where(sa.select(*groups, *_sum_columns()), where).group_by(*groups)
         histogram_query = self._where(
-            sa.select(group, c.total_tokens, sa.func.count()), where
-        ).group_by(group, c.total_tokens)
+            sa.select(*groups, c.total_tokens, sa.func.count()), where
+        ).group_by(*groups, c.total_tokens)
         histograms: dict[Any, list[tuple[int, int]]] = {}
         with self.engine.connect() as connection:
             sums: dict[Any, list[Sequence[Any]]] = {
-                row[0]: [row] for row in connection.execute(sums_query)
+                tuple(row[:width]): [row[width:]] for row in connection.execute(sums_query)
             }
-            for key, tokens, calls in connection.execute(histogram_query):
-                histograms.setdefault(key, []).append((int(tokens), int(calls)))
+            for row in connection.execute(histogram_query):
+                histograms.setdefault(tuple(row[:width]), []).append(
+                    (int(row[width]), int(row[width + 1]))
+                )
         return sums, histograms
 
     def _fetch_grouped_rows(self, query: Any, where: UsageFilter) -> list[Sequence[Any]]:
@@ -373,14 +438,16 @@ class SqlStore:
         """Equal inclusive rowid ranges, one per core, or none where splitting would not pay.
 
         Not for in-memory SQLite (one connection), small tables or periods, or filters
-        an index narrows (user, session, model): there the index beats scanning ranges.
+        an index narrows (user, session, model, attribution): there the index beats
+        scanning ranges.
         """
         workers = min(_available_cpus(), _MAX_SUMMARY_THREADS)
         if (
             workers < 2
             or self.dialect != "sqlite"
             or not isinstance(self.engine.pool, sa.pool.QueuePool)
-            or any(getattr(where, name) is not None for name in ("user_id", "session_id", "model"))
+            or where.dimensions
+            or any(getattr(where, name) is not None for name in _INDEXED_FILTERS)
         ):
             return []
         table = UsageRecord.__table__  # type: ignore[attr-defined]
@@ -413,8 +480,29 @@ class SqlStore:
         self.engine.dispose()
 
 
-#: Rows of aggregates per group key (see _sum_columns), and (total_tokens, calls) pairs.
+#: Rows of aggregates per group key tuple (see _sum_columns), and (total_tokens, calls)
+#: pairs.
 _GroupRows = tuple[dict[Any, list[Sequence[Any]]], dict[Any, list[tuple[int, int]]]]
+#: Filters that compare a column; all but provider have an index.
+_FILTER_COLUMNS = (
+    "user_id",
+    "session_id",
+    "model",
+    "provider",
+    "node",
+    "agent",
+    "thread_id",
+    "run_name",
+    "root_run_name",
+)
+_INDEXED_FILTERS = tuple(name for name in _FILTER_COLUMNS if name != "provider")
+
+
+def _largest_first(
+    pairs: list[tuple[GroupSummary, list[tuple[int, int]]]],
+) -> tuple[list[GroupSummary], list[list[tuple[int, int]]]]:
+    pairs.sort(key=lambda pair: (-pair[0].usage.cost_estimate_usd, pair[0].key or ""))
+    return [summary for summary, _ in pairs], [histogram for _, histogram in pairs]
 
 
 def _sum_columns() -> list[sa.ColumnElement[Any]]:
@@ -438,9 +526,9 @@ def _sum_columns() -> list[sa.ColumnElement[Any]]:
 def _fold_group(
     key: Any, rows: list[Sequence[Any]], histogram: list[tuple[int, int]]
 ) -> tuple[GroupSummary, list[tuple[int, int]]]:
-    """One group's summary from its rows of (key, *_sum_columns(), ...); columns are
+    """One group's summary from its rows of (*_sum_columns(), ...); columns are
     summed by builtins, not row by row (100k rows per run grouping 1M calls by user)."""
-    _, calls, *columns = zip(*rows, strict=True)
+    calls, *columns = zip(*rows, strict=True)
     width = len(_SUMMED)
     estimated, errors, first, last = columns[width : width + 4]
     usage = _summed_usage(
@@ -535,6 +623,32 @@ def _add_missing_columns(connection: sa.Connection) -> list[str]:
             )
             added.append(f"{table.name}.{column.name}")
     return added
+
+
+def _create_missing_indexes(connection: sa.Connection) -> None:
+    """Indexes added since the tables were made (create_all makes them only with a table)."""
+    for table in SQLModel.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(connection, checkfirst=True)
+
+
+def _widen_text_columns(connection: sa.Connection) -> None:
+    """Text columns made wider since the tables were made (PostgreSQL enforces widths;
+    SQLite does not)."""
+    if connection.dialect.name != "postgresql":
+        return
+    inspector = sa.inspect(connection)
+    preparer = connection.dialect.identifier_preparer
+    for table in SQLModel.metadata.sorted_tables:
+        present = {column["name"]: column["type"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            width = getattr(column.type, "length", None)
+            stored = getattr(present.get(column.name), "length", None)
+            if width and stored and stored < width:
+                connection.exec_driver_sql(
+                    f"ALTER TABLE {preparer.quote(table.name)} ALTER COLUMN "
+                    f"{preparer.quote(column.name)} TYPE VARCHAR({width})"
+                )
 
 
 def _aware(value: Any) -> datetime | None:
