@@ -13,6 +13,11 @@ Notes for users:
 - Calls inside ``with tracker.session(...)`` are tracked with no handler passed, through
   a configure hook registered once per process. A plain ``ThreadPoolExecutor`` does not
   carry the session into its workers: submit ``session.bind(fn)`` instead.
+- Attribution: the LangGraph node (``langgraph_node``), thread (``thread_id``) and the
+  declared dimensions come from the run metadata; the agent is ``lc_agent_name`` or the
+  nearest graph compiled with a name (``create_react_agent(..., name="researcher")``);
+  the run names come from the chain and tool runs this handler saw start, so a handler
+  given only to the model (not in ``config``) records no run names.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.tracers.context import register_configure_hook
 
+from usage_callbacks.attribution import (
+    Attribution,
+    check_given_dimensions,
+    declared_dimensions,
+    merge_dimensions,
+)
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.readers import UsageSource, normalize_usage, usage_from_langchain
 from usage_callbacks.runs import RunState
@@ -48,6 +59,69 @@ logger = logging.getLogger("usage_callbacks")
 UNKNOWN_MODEL = "unknown"
 _MAX_TOKEN_PARAMS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict")
 _MODEL_PARAMS = ("model", "model_name", "model_id", "deployment_name")
+#: The name LangGraph gives a graph compiled without one.
+_DEFAULT_GRAPH_NAME = "LangGraph"
+#: LangChain's names for unnamed compositions (RunnableSequence, RunnableLambda, ...).
+_UNNAMED_PREFIX = "Runnable"
+
+
+class _ParentRun:
+    """A chain or tool run above model calls: its name and parent, until it ends."""
+
+    __slots__ = ("is_graph", "name", "parent")
+
+    def __init__(self, name: str | None, parent: str | None) -> None:
+        self.name = name
+        self.parent = parent
+        #: a LangGraph graph: its node runs start under it
+        self.is_graph = False
+
+
+class _RunTree:
+    """The chain and tool runs in flight, so a model call can name what it runs in.
+
+    One entry per run, from its start event to its end or error event.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, _ParentRun] = {}
+
+    def start(
+        self, run_id: UUID, parent_run_id: UUID | None, name: Any, metadata: dict[str, Any] | None
+    ) -> None:
+        parent = None if parent_run_id is None else str(parent_run_id)
+        text = name if isinstance(name, str) and name else None
+        self._runs[str(run_id)] = _ParentRun(text, parent)
+        node = (metadata or {}).get("langgraph_node")
+        if node is not None and node == text and parent is not None:
+            graph = self._runs.get(parent)  # a node's task runs directly under its graph
+            if graph is not None:
+                graph.is_graph = True
+
+    def end(self, run_id: UUID) -> None:
+        self._runs.pop(str(run_id), None)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def names(self, parent_run_id: UUID | None) -> tuple[str | None, str | None, str | None]:
+        """(nearest named run, root run name, nearest named graph) above a model call."""
+        nearest = root = graph = None
+        key = None if parent_run_id is None else str(parent_run_id)
+        runs = self._runs
+        while key is not None:
+            run = runs.get(key)
+            if run is None:
+                break
+            name = run.name
+            if name is not None:
+                root = name
+                if nearest is None and not name.startswith(_UNNAMED_PREFIX):
+                    nearest = name
+                if graph is None and run.is_graph and name != _DEFAULT_GRAPH_NAME:
+                    graph = name
+            key = run.parent
+        return nearest, root, graph
 
 
 class UsageCallbackHandler(BaseCallbackHandler):
@@ -63,6 +137,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
         user_id: str | None = None,
         session_id: str | None = None,
         tags: Sequence[str] | None = None,
+        dimensions: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(tracker, UsageTracker):
@@ -71,6 +146,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
         self.user_id = user_id
         self.session_id = session_id
         self.tags = list(tags or [])
+        #: given to every call this handler sees; run metadata overrides them
+        self.dimensions = check_given_dimensions(tracker.declared_dimensions, dimensions)
+        self._tree = _RunTree()
 
     # ---------------------------------------------------------------- routing
 
@@ -79,6 +157,60 @@ class UsageCallbackHandler(BaseCallbackHandler):
 
     def _end_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
         return (self.tracker,)
+
+    # ---------------------------------------------------------------- run tree
+
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._tree.start(run_id, parent_run_id, kwargs.get("name"), metadata)
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._tree.start(run_id, parent_run_id, kwargs.get("name"), metadata)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._tree.end(run_id)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._tree.end(run_id)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._tree.end(run_id)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._tree.end(run_id)
+
+    def _attribution(
+        self, tracker: UsageTracker, parent_run_id: UUID | None, metadata: dict[str, Any]
+    ) -> Attribution:
+        """Where the call runs: LangGraph metadata, the run tree, declared dimensions."""
+        run_name, root_run_name, graph = self._tree.names(parent_run_id)
+        return Attribution(
+            node=_text(metadata.get("langgraph_node")),
+            agent=_text(metadata.get("lc_agent_name")) or graph,
+            thread_id=_text(metadata.get("thread_id")),
+            run_name=run_name,
+            root_run_name=root_run_name,
+            dimensions=merge_dimensions(
+                self.dimensions, declared_dimensions(tracker.declared_dimensions, metadata)
+            ),
+        )
 
     # ---------------------------------------------------------------- start
 
@@ -158,6 +290,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
             user_id=self.user_id,
             session_id=self.session_id,
             tags=list(self.tags),
+            attribution=self._attribution(tracker, parent_run_id, meta),
             sessions=sessions_of(tracker),
             inputs=inputs,
         )
@@ -166,6 +299,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
             state.user_id = self.user_id or state.user_id
             state.session_id = self.session_id or state.session_id
             state.tags = list(dict.fromkeys([*state.tags, *self.tags]))
+            state.attribution = self._attribution(tracker, parent_run_id, meta).merged(
+                state.attribution
+            )
             return
         if tracker.has_budgets:
             state.prompt_estimate = _estimate_prompt(state)
@@ -177,6 +313,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
                 user_id=state.user_id,
                 session_id=state.session_id,
                 sessions=state.sessions,
+                attribution=state.attribution,
             )
 
     # ---------------------------------------------------------------- stream
@@ -218,6 +355,8 @@ class _SessionHandler(UsageCallbackHandler):
         self.user_id = None
         self.session_id = None
         self.tags = []
+        self.dimensions = ()
+        self._tree = _RunTree()
         self._routes = SessionRoutes()
 
     def _start_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
@@ -263,6 +402,13 @@ def _model_name(
     if found is None and serialized:
         found = _first_string(serialized.get("kwargs") or {}, _MODEL_PARAMS)
     return found
+
+
+def _text(value: Any) -> str | None:
+    """A metadata value as text; None when absent or empty."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)
 
 
 def _first_string(source: dict[str, Any], keys: Sequence[str]) -> str | None:
