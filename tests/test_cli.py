@@ -298,3 +298,18 @@ def test_bad_attribution_arguments_exit_2(attributed_db: str, args: tuple[str, .
     result = run(*args, "--db", attributed_db)
     assert result.returncode == 2
     assert "node" in result.stderr or "key=value" in result.stderr
+
+
+def test_report_breaks_down_by_node_then_model(attributed_db: str, tmp_path: Path) -> None:
+    out = tmp_path / "usage.md"
+    result = run("report", "--db", attributed_db, "--by", "node,model", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    table = text[text.index("## Cost by node, then model") :].split("\n\n")[1]
+    assert [row.split(" | ")[0:2] for row in table.splitlines()[2:]] == [
+        ["| plan", "2"],
+        ["| ↳ gpt-4o", "1"],
+        ["| ↳ gpt-4o-mini", "1"],
+        ["| act", "1"],
+        ["| ↳ gpt-4o-mini", "1"],
+    ]

@@ -19,6 +19,7 @@ EXPECTED = {
     "async_many_tasks.py": "200 conversations, 500 calls",
     "postgres_workers.py": "across 4 processes",
     "otel_prometheus.py": "llm_request_tokens_total",
+    "graph_attribution.py": "tenant globex: 2 calls",
 }
 
 

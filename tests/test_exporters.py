@@ -185,3 +185,41 @@ def test_the_log_line_is_off_by_default(caplog: pytest.LogCaptureFixture) -> Non
     with caplog.at_level(logging.INFO, logger="usage_callbacks"), UsageTracker("memory://") as t:
         t.record(TokenUsage(prompt_tokens=1234, completion_tokens=567), model="gpt-4o-mini")
     assert not any(m.startswith("Token usage:") for m in caplog.messages)
+
+
+def test_attribution_only_on_request(reader: InMemoryMetricReader) -> None:
+    exporter = OTelExporter(
+        MeterProvider(metric_readers=[reader]),
+        include_attribution=["node", "agent", "thread", "dimension:tenant"],
+    )
+    with UsageTracker("memory://", exporters=[exporter], dimensions=["tenant", "feature"]) as t:
+        t.record(
+            TokenUsage(prompt_tokens=5),
+            model="m",
+            node="plan",
+            agent="planner",
+            thread_id="t-1",
+            run_name="plan",
+            dimensions={"tenant": "acme", "feature": "search"},
+        )
+        t.record(TokenUsage(prompt_tokens=3), model="m")
+    points = _points(reader)["gen_ai.client.token.usage"]
+    attributed = _by(points, **{"usage_callbacks.node": "plan"})
+    assert attributed.sum == 5
+    assert attributed.attributes["gen_ai.agent.name"] == "planner"
+    assert attributed.attributes["gen_ai.conversation.id"] == "t-1"
+    assert attributed.attributes["usage_callbacks.dimension.tenant"] == "acme"
+    # not asked for: the run name and the feature dimension stay out
+    names = {name for p in points for name in p.attributes}
+    assert "usage_callbacks.run_name" not in names
+    assert "usage_callbacks.dimension.feature" not in names
+    with pytest.raises(ValueError, match="not one of"):
+        OTelExporter(MeterProvider(metric_readers=[]), include_attribution=["tenant"])
+
+
+def test_no_attribution_attributes_by_default(reader: InMemoryMetricReader) -> None:
+    exporter = OTelExporter(MeterProvider(metric_readers=[reader]))
+    with UsageTracker("memory://", exporters=[exporter], dimensions=["tenant"]) as t:
+        t.record(TokenUsage(prompt_tokens=5), model="m", node="plan", dimensions={"tenant": "a"})
+    names = {name for series in _points(reader).values() for p in series for name in p.attributes}
+    assert not any(name.startswith(("usage_callbacks.", "gen_ai.agent")) for name in names)

@@ -4,6 +4,7 @@ Framework integrations live in ``usage_callbacks.langchain`` and
 ``usage_callbacks.llamaindex``; importing this package never imports a framework.
 """
 
+from usage_callbacks.attribution import Attribution
 from usage_callbacks.budgets import (
     Budget,
     BudgetExceededError,
@@ -34,6 +35,7 @@ from usage_callbacks.usage import TokenUsage
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attribution",
     "Budget",
     "BudgetExceededError",
     "BudgetStatus",

@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true", help="machine-readable output")
     report = commands.add_parser("report", parents=[common], help="Markdown or HTML report")
     report.add_argument("--out", required=True, type=Path, help="usage.md or usage.html")
+    report.add_argument(
+        "--by", type=_group_by, help="add a cost breakdown, e.g. node, agent, dimension:tenant"
+    )
     export = commands.add_parser("export", parents=[common], help="every record, streamed")
     export.add_argument("--format", choices=["csv", "jsonl"], required=True)
     export.add_argument("--out", required=True, type=Path)
@@ -225,7 +228,7 @@ def cmd_report(args: argparse.Namespace, out: IO[str]) -> int:
     if suffix not in (".md", ".html", ".htm"):
         raise CliError(f"--out {args.out}: use a .md or .html file name")
     with _open(args) as tracker:
-        data = gather(tracker, _filter(args))
+        data = gather(tracker, _filter(args), args.by)
     text = html_report(data) if suffix != ".md" else markdown(data)
     args.out.write_text(text, encoding="utf-8")
     print(f"wrote {args.out} ({data.overall.calls:,} calls)", file=out)

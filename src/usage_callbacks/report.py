@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
 
-from usage_callbacks.store.base import DailyUsage, UsageFilter, UsageSummary
+from usage_callbacks.store.base import DailyUsage, GroupBy, UsageFilter, UsageSummary
 from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.tracker import UsageTracker
 
@@ -34,15 +34,18 @@ class ReportData:
     by_model: UsageSummary
     daily: list[DailyUsage]
     latest: list[UsageRecord]
+    #: the breakdown asked for (node, agent, dimension:tenant, ...), if any
+    breakdown: UsageSummary | None = None
 
 
-def gather(tracker: UsageTracker, where: UsageFilter) -> ReportData:
+def gather(tracker: UsageTracker, where: UsageFilter, by: GroupBy | None = None) -> ReportData:
     tracker.flush()
     return ReportData(
         overall=tracker.store.summary(where, None),
         by_model=tracker.store.summary(where, "model"),
         daily=tracker.store.daily_by_model(where),
         latest=tracker.store.records(where, limit=10, newest_first=True),
+        breakdown=tracker.store.summary(where, by) if by else None,
     )
 
 
@@ -90,18 +93,10 @@ def markdown(data: ReportData) -> str:
         f"Tokens per call: p50 {overall.stats.p50:,}, p95 {overall.stats.p95:,}, "
         f"p99 {overall.stats.p99:,}, max {overall.stats.max:,}.",
         "",
-        "## Cost by model",
-        "",
-        "| model | calls | total tokens | cost | cost / 1K tokens | share |",
-        "|---|---:|---:|---:|---:|---:|",
+        *_cost_table(data.by_model, usage.cost_estimate_usd),
     ]
-    total_cost = usage.cost_estimate_usd or Decimal(1)
-    for group in data.by_model.groups:
-        cost = group.usage.cost_estimate_usd
-        lines.append(
-            f"| {group.key or 'unknown'} | {group.calls:,} | {group.usage.total:,} | "
-            f"{_usd(cost)} | {_per_1k(cost, group.usage.total)} | {cost / total_cost:.1%} |"
-        )
+    if data.breakdown is not None:
+        lines += ["", *_cost_table(data.breakdown, usage.cost_estimate_usd)]
     lines += [
         "",
         "## Last 10 calls",
@@ -118,6 +113,28 @@ def markdown(data: ReportData) -> str:
             f"{_usd(record.cost_estimate_usd)} | {record.status} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _cost_table(summary: UsageSummary, total_cost: Decimal) -> list[str]:
+    """A "Cost by ..." section: one row a group, second-level groups indented under it."""
+    by = summary.group_by or "model"
+    lines = [
+        f"## Cost by {by.replace(',', ', then ')}",
+        "",
+        f"| {by} | calls | total tokens | cost | cost / 1K tokens | share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = [(group, "") for group in summary.groups]
+    while rows:
+        group, indent = rows.pop(0)
+        cost = group.usage.cost_estimate_usd
+        lines.append(
+            f"| {indent}{group.key or 'unknown'} | {group.calls:,} | {group.usage.total:,} | "
+            f"{_usd(cost)} | {_per_1k(cost, group.usage.total)} | "
+            f"{cost / (total_cost or Decimal(1)):.1%} |"
+        )
+        rows[:0] = [(inner, indent + "↳ ") for inner in group.groups]
+    return lines
 
 
 # -------------------------------------------------------------------- HTML + SVG

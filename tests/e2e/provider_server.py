@@ -9,7 +9,9 @@ Billing rules (deterministic, non-trivial):
 - chat prompt = 11 + characters of all message text // 4; ``cached`` of it were cache
   reads (OpenAI ``prompt_tokens_details.cached_tokens``; Anthropic
   ``cache_read_input_tokens``) and ``cache_write`` were cache writes (Anthropic only);
-- completion = the words of the reply + ``reasoning`` (OpenAI reasoning tokens);
+- completion = the words of the reply + ``reasoning`` (OpenAI reasoning tokens); a
+  queued tool call (OpenAI, not streamed) is answered instead of the reply and bills
+  1 + the characters of its arguments // 4;
 - embeddings: the number of token ids sent, or tiktoken's count of the texts sent.
 """
 
@@ -50,6 +52,8 @@ class ProviderServer:
     cache_write: int = 0
     reasoning: int = 0
     reply: str = REPLY
+    #: (function name, arguments) to answer the next OpenAI chat requests with, in order
+    tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     billed: list[Bill] = field(default_factory=list)
     requests: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,6 +98,7 @@ class ProviderServer:
     def reset(self) -> None:
         with self._lock:
             self.billed.clear()
+            self.tool_calls.clear()
             self.requests = 0
 
     # ------------------------------------------------------------------ billing
@@ -115,6 +120,11 @@ class ProviderServer:
     # ------------------------------------------------------------------ OpenAI
 
     def _openai_chat(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        with self._lock:
+            tool_call = self.tool_calls.pop(0) if self.tool_calls else None
+        if tool_call is not None and not body.get("stream"):
+            self._openai_tool_call(handler, body, *tool_call)
+            return
         prompt = self._prompt(body)
         words = self._completion_words()
         bill = self._bill(
@@ -166,6 +176,40 @@ class ProviderServer:
                 yield {**chunk, "choices": [], "usage": usage}
 
         _sse(handler, ((None, event) for event in events()), done=True)
+
+    def _openai_tool_call(
+        self, handler: BaseHTTPRequestHandler, body: dict[str, Any], name: str, arguments: Any
+    ) -> None:
+        encoded = json.dumps(arguments)
+        bill = self._bill(
+            Bill(
+                endpoint="openai.chat",
+                model=body["model"],
+                prompt=self._prompt(body),
+                completion=1 + len(encoded) // 4,
+            )
+        )
+        call = {"id": f"call_{len(self.billed)}", "type": "function"}
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{**call, "function": {"name": name, "arguments": encoded}}],
+        }
+        _json(
+            handler,
+            {
+                "id": "chatcmpl-tool",
+                "created": int(time.time()),
+                "model": body["model"],
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                "usage": {
+                    "prompt_tokens": bill.prompt,
+                    "completion_tokens": bill.completion,
+                    "total_tokens": bill.prompt + bill.completion,
+                },
+            },
+        )
 
     def _openai_embeddings(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]

@@ -40,21 +40,24 @@ class TripState(TypedDict):
     answer: str
 
 
+def _asks(model: Any, read: str, write: str) -> Any:
+    """A node that asks ``model`` about ``state[read]`` and keeps the reply in ``write``."""
+
+    def node(state: TripState, config: RunnableConfig) -> dict[str, str]:
+        return {write: str(model.invoke(state[read], config=config).content)}
+
+    return node
+
+
 def _trip_graph(server: ProviderServer) -> Any:
     planner = ChatOpenAI(model="gpt-4o-mini", base_url=f"{server.base_url}/v1", api_key="test")
     writer = ChatAnthropic(
         model="claude-sonnet-4-6", base_url=server.base_url, api_key="test", max_tokens=200
     )
 
-    def plan(state: TripState, config: RunnableConfig) -> dict[str, str]:
-        return {"plan": str(planner.invoke(state["question"], config=config).content)}
-
-    def answer(state: TripState, config: RunnableConfig) -> dict[str, str]:
-        return {"answer": str(writer.invoke(state["plan"], config=config).content)}
-
     graph = StateGraph(TripState)
-    graph.add_node("plan", plan)
-    graph.add_node("answer", answer)
+    graph.add_node("plan", _asks(planner, "question", "plan"))
+    graph.add_node("answer", _asks(writer, "plan", "answer"))
     graph.add_edge(START, "plan")
     graph.add_edge("plan", "answer")
     graph.add_edge("answer", END)

@@ -16,6 +16,9 @@ Wiring both is safe: calls seen by a CallbackManager handler of the same tracker
 skipped by the event handler, and ``CustomLLM``'s nested chat -> complete events count
 as one call. Inside ``with tracker.session(...)`` both are wired for you.
 
+Attribution (workflow step, agent, run names, ``instrument_tags`` dimensions) comes from
+the spans in flight: see ``llamaindex_spans``.
+
 Usage comes from the provider first (``response.raw``, then ``additional_kwargs``). For
 usage in OpenAI streams pass ``additional_kwargs={"stream_options": {"include_usage":
 True}}`` to ``OpenAI(...)``; otherwise streamed calls are estimated with tiktoken.
@@ -32,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -55,7 +58,9 @@ from llama_index.core.instrumentation.events.llm import (
 from llama_index.core.instrumentation.span import active_span_id
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from usage_callbacks.attribution import Dimensions, check_given_dimensions, merge_dimensions
 from usage_callbacks.budgets import BudgetExceededError
+from usage_callbacks.integrations.llamaindex_spans import span_tree
 from usage_callbacks.readers import UsageSource, normalize_usage
 from usage_callbacks.runs import RunState
 from usage_callbacks.sessions import (
@@ -306,7 +311,13 @@ def _start_run(
     session_id: str | None,
     tags: Sequence[str],
     enforce: bool,
+    dimensions: Dimensions = (),
 ) -> None:
+    attribution = span_tree().attribution(call.span_id, tracker.declared_dimensions)
+    if dimensions:  # the handler's, overridden by the run's instrument tags
+        attribution = replace(
+            attribution, dimensions=merge_dimensions(dimensions, attribution.dimensions)
+        )
     state = RunState(
         run_id=call.key,
         started_at=utcnow(),
@@ -318,6 +329,7 @@ def _start_run(
         user_id=user_id,
         session_id=session_id,
         tags=list(tags),
+        attribution=attribution,
         sessions=sessions_of(tracker),
         inputs=call.inputs,
         extra={"span_id": call.span_id, "usage_source": _raw_source(call.class_name)},
@@ -327,6 +339,7 @@ def _start_run(
         state.user_id = user_id or state.user_id
         state.session_id = session_id or state.session_id
         state.tags = list(dict.fromkeys([*state.tags, *tags]))
+        state.attribution = attribution.merged(state.attribution)
         return
     if not (enforce and tracker.has_budgets):
         return
@@ -344,6 +357,7 @@ def _start_run(
         user_id=state.user_id,
         session_id=state.session_id,
         sessions=state.sessions,
+        attribution=state.attribution,
     )
 
 
@@ -392,6 +406,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
         user_id: str | None = None,
         session_id: str | None = None,
         tags: Sequence[str] | None = None,
+        dimensions: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(event_starts_to_ignore=[], event_ends_to_ignore=[])
         if not isinstance(tracker, UsageTracker):
@@ -400,6 +415,8 @@ class UsageCallbackHandler(BaseCallbackHandler):
         self.user_id = user_id
         self.session_id = session_id
         self.tags = list(tags or [])
+        #: given to every call this handler sees; instrument tags override them
+        self.dimensions = check_given_dimensions(tracker.declared_dimensions, dimensions)
         self._nested: set[str] = set()
         self._opened: dict[str, tuple[str, str, str | None]] = {}
         self._lock = threading.Lock()
@@ -442,6 +459,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
                     session_id=self.session_id,
                     tags=self.tags,
                     enforce=True,
+                    dimensions=self.dimensions,
                 )
         except BudgetExceededError:
             for tracker in trackers:
@@ -535,6 +553,7 @@ class _SessionCallbackHandler(UsageCallbackHandler):
         self.user_id = None
         self.session_id = None
         self.tags = []
+        self.dimensions = ()
         self._nested = set()
         self._opened = {}
         self._lock = threading.Lock()
@@ -556,6 +575,8 @@ class UsageEventHandler(BaseEventHandler):
     user_id: str | None = None
     session_id: str | None = None
     tags: list[str] = Field(default_factory=list)
+    #: declared dimensions given to every call (checked by instrument())
+    dimensions: Dimensions = ()
     _calls: dict[str, _Call] = PrivateAttr(default_factory=dict)
     _nested: set[str] = PrivateAttr(default_factory=set)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -563,6 +584,9 @@ class UsageEventHandler(BaseEventHandler):
     @classmethod
     def class_name(cls) -> str:
         return "UsageEventHandler"
+
+    def model_post_init(self, context: Any) -> None:
+        span_tree()  # calls are placed by the spans they run in
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
         return (self.tracker,) if self.tracker is not None else ()
@@ -625,6 +649,7 @@ class UsageEventHandler(BaseEventHandler):
                 session_id=self.session_id,
                 tags=self.tags,
                 enforce=False,
+                dimensions=self.dimensions,
             )
 
     def _end(
@@ -692,6 +717,7 @@ def _watch_streams() -> None:
         if _stream_watcher is None:
             _stream_watcher = _StreamWatcher()
             get_dispatcher().add_event_handler(_stream_watcher)
+    span_tree()
 
 
 # -------------------------------------------------------------------- wiring
@@ -719,14 +745,20 @@ def instrument(
     user_id: str | None = None,
     session_id: str | None = None,
     tags: Sequence[str] | None = None,
+    dimensions: dict[str, Any] | None = None,
 ) -> Instrumentation:
     """Attach a UsageEventHandler for ``tracker`` to the root dispatcher, once."""
+    given = check_given_dimensions(tracker.declared_dimensions, dimensions)
     with _wiring_lock:
         existing = _instrumented.get(id(tracker))
         if existing is not None:
             return existing
         handler = UsageEventHandler(
-            tracker=tracker, user_id=user_id, session_id=session_id, tags=list(tags or [])
+            tracker=tracker,
+            user_id=user_id,
+            session_id=session_id,
+            tags=list(tags or []),
+            dimensions=given,
         )
         get_dispatcher().add_event_handler(handler)
         handle = Instrumentation(handler)

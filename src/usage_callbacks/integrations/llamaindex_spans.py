@@ -1,0 +1,131 @@
+"""LlamaIndex attribution: which workflow step and agent an LLM call runs in.
+
+A span handler on the root instrumentation dispatcher keeps the spans in flight (one
+entry from span enter to exit or drop). An LLM call's span walks up to find:
+- the workflow step (a span directly under a workflow's ``run`` span), as ``node``;
+- the agent: the ``current_agent_name`` of the step's agent event in an
+  ``AgentWorkflow``, or the ``name`` of a ``FunctionAgent``/``ReActAgent`` run;
+- ``run_name``, the nearest span that is not the model's own, and the root span's name.
+Dimensions come from ``instrument_tags({...})``, LlamaIndex's metadata for a run.
+LlamaIndex has no conversation id, so ``thread_id`` stays empty.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import Any
+
+from llama_index.core.agent.workflow import BaseWorkflowAgent
+from llama_index.core.agent.workflow.workflow_events import AgentInput, AgentOutput, AgentSetup
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.base.llms.base import BaseLLM
+from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
+from llama_index.core.instrumentation.span import BaseSpan
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
+from llama_index.core.workflow import Workflow
+from llama_index_instrumentation.dispatcher import active_instrument_tags
+
+from usage_callbacks.attribution import Attribution, Dimensions, declared_dimensions
+
+#: Span ids are ``<qualified name>-<uuid4>``.
+_UUID_SUFFIX = 37
+_AGENT_EVENTS = (AgentInput, AgentSetup, AgentOutput)
+
+
+class _PlacedSpan(BaseSpan):
+    """A span in flight, with what attribution needs of it."""
+
+    name: str
+    workflow: bool = False
+    model: bool = False
+    agent: str | None = None
+
+
+class SpanTree(BaseSpanHandler[_PlacedSpan]):
+    """The spans in flight under the root dispatcher; each is forgotten at its exit."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "UsageCallbacksSpanTree"
+
+    def new_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_span_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> _PlacedSpan | None:
+        name = id_[:-_UUID_SUFFIX] if len(id_) > _UUID_SUFFIX else id_
+        agent = instance.name if isinstance(instance, BaseWorkflowAgent) else None
+        event = bound_args.arguments.get("ev")
+        if isinstance(event, _AGENT_EVENTS):
+            agent = event.current_agent_name
+        return _PlacedSpan(
+            id_=id_,
+            parent_id=parent_span_id,
+            name=name,
+            workflow=isinstance(instance, Workflow),
+            model=isinstance(instance, (BaseLLM, BaseEmbedding)),
+            agent=agent,
+        )
+
+    def prepare_to_exit_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> _PlacedSpan | None:
+        return self.open_spans.get(id_)  # returned: the base class forgets it
+
+    def prepare_to_drop_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> _PlacedSpan | None:
+        span = self.open_spans.get(id_)
+        if span is not None:
+            with self.lock:
+                self.open_spans.pop(id_, None)
+        return None  # the base class would keep a dropped span in dropped_spans
+
+    def attribution(self, span_id: str | None, declared: frozenset[str]) -> Attribution:
+        """Where the call in span ``span_id`` runs, and the declared instrument tags."""
+        dimensions: Dimensions = declared_dimensions(declared, active_instrument_tags.get())
+        node = agent = run_name = root = None
+        spans = self.open_spans
+        span = spans.get(span_id) if span_id else None
+        while span is not None:
+            parent = spans.get(span.parent_id) if span.parent_id else None
+            if run_name is None and not span.model:
+                run_name = span.name
+            if agent is None:
+                agent = span.agent
+            if node is None and parent is not None and parent.workflow:
+                node = span.name.rpartition(".")[2]
+            root = span.name
+            span = parent
+        return Attribution(
+            node=node, agent=agent, run_name=run_name, root_run_name=root, dimensions=dimensions
+        )
+
+
+_tree_lock = threading.Lock()
+_tree: SpanTree | None = None
+
+
+def span_tree() -> SpanTree:
+    """The process's span tree, on the root dispatcher from the first use."""
+    global _tree
+    with _tree_lock:
+        if _tree is None:
+            _tree = SpanTree()
+            get_dispatcher().add_span_handler(_tree)
+        return _tree
