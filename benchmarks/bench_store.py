@@ -146,6 +146,7 @@ def bench_attribution(workdir: Path) -> list[Row]:
     with UsageTracker(url, batch_size=5000, dimensions=["tenant"]) as tracker:
         ingest = _records_per_second(tracker, places)
         timings = [
+            ("group by model (as before attribution)", lambda: tracker.summary(group_by="model")),
             ("group by node", lambda: tracker.summary(group_by="node")),
             ("group by node, then model", lambda: tracker.summary(group_by="node,model")),
             ("group by dimension:tenant", lambda: tracker.summary(group_by="dimension:tenant")),

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Dimension keys become JSON paths and index names: plain identifiers only.
 _DIMENSION_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}\Z")
@@ -21,13 +20,14 @@ MAX_DIMENSION_VALUE = 256
 Dimensions = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
-class Attribution:
+class Attribution(NamedTuple):
     """One call's place in the application; None (or no dimensions) when unknown.
 
     ``run_name`` is the nearest named runnable or component above the call and
     ``root_run_name`` the outermost one (which chain, graph or workflow).
     Dimensions are (key, value) pairs sorted by key, so an Attribution is hashable.
+    A NamedTuple: made on every attributed call, it builds ~2x faster than a frozen
+    dataclass.
     """
 
     node: str | None = None

@@ -7,7 +7,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -646,7 +646,7 @@ def _with_session_dimensions(
     outer = _session_dimensions(sessions)
     if not outer:
         return attribution
-    return replace(attribution, dimensions=merge_dimensions(outer, attribution.dimensions))
+    return attribution._replace(dimensions=merge_dimensions(outer, attribution.dimensions))
 
 
 def _attribution(record: UsageRecord) -> Attribution:

@@ -221,3 +221,24 @@ def test_a_tenant_budget_stops_an_agent_before_the_provider() -> None:
             "calculator",
             49,
         )
+
+
+def test_a_failing_node_leaves_no_run_behind() -> None:
+    with UsageTracker("memory://") as tracker:
+        handler = UsageCallbackHandler(tracker)
+        model = ToolCallingFake(responses=_replies(1)[1:])
+
+        def broken(state: TripState, config: RunnableConfig) -> dict[str, str]:
+            model.invoke("hello", config=config)
+            raise RuntimeError("the node broke")
+
+        graph = StateGraph(TripState)
+        graph.add_node("broken", broken)
+        graph.add_edge(START, "broken")
+        with pytest.raises(RuntimeError, match="the node broke"):
+            graph.compile().invoke(
+                {"question": "q", "plan": "", "answer": ""}, config={"callbacks": [handler]}
+            )
+        [record] = tracker.records()
+        assert (record.node, record.run_name) == ("broken", "broken")
+        assert len(handler._tree) == 0 and len(tracker.runs) == 0

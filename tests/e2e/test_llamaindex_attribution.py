@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from llama_index.core.agent.workflow import AgentWorkflow, FunctionAgent
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.workflow import Event, StartEvent, StopEvent, Workflow, step
@@ -166,3 +167,23 @@ def test_the_event_handler_attributes_calls_too(server: ProviderServer) -> None:
         [record] = tracker.records()
         assert (record.node, record.dimensions) == ("ask", {"tenant": "acme"})
         assert record.total_tokens == server.billed[0].prompt + server.billed[0].completion
+
+
+def test_a_failing_step_leaves_no_span_behind(server: ProviderServer) -> None:
+    with UsageTracker("memory://") as tracker:
+        llm = _llm(server, UsageCallbackHandler(tracker), "gpt-4o-mini")
+
+        class Failing(Workflow):
+            @step
+            async def ask(self, ev: StartEvent) -> StopEvent:
+                await llm.acomplete("Hello?")
+                raise RuntimeError("the step broke")
+
+        async def run() -> Any:
+            return await Failing(timeout=60).run()
+
+        with pytest.raises(RuntimeError, match="the step broke"):
+            asyncio.run(run())
+        [record] = tracker.records()
+        assert record.node == "ask"
+    assert not span_tree().open_spans

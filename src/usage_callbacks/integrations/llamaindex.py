@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -315,8 +315,8 @@ def _start_run(
 ) -> None:
     attribution = span_tree().attribution(call.span_id, tracker.declared_dimensions)
     if dimensions:  # the handler's, overridden by the run's instrument tags
-        attribution = replace(
-            attribution, dimensions=merge_dimensions(dimensions, attribution.dimensions)
+        attribution = attribution._replace(
+            dimensions=merge_dimensions(dimensions, attribution.dimensions)
         )
     state = RunState(
         run_id=call.key,

@@ -13,6 +13,7 @@ LlamaIndex has no conversation id, so ``thread_id`` stays empty.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from typing import Any
 
@@ -27,6 +28,8 @@ from llama_index.core.workflow import Workflow
 from llama_index_instrumentation.dispatcher import active_instrument_tags
 
 from usage_callbacks.attribution import Attribution, Dimensions, declared_dimensions
+
+logger = logging.getLogger("usage_callbacks")
 
 #: Span ids are ``<qualified name>-<uuid4>``.
 _UUID_SUFFIX = 37
@@ -59,18 +62,22 @@ class SpanTree(BaseSpanHandler[_PlacedSpan]):
         **kwargs: Any,
     ) -> _PlacedSpan | None:
         name = id_[:-_UUID_SUFFIX] if len(id_) > _UUID_SUFFIX else id_
-        agent = instance.name if isinstance(instance, BaseWorkflowAgent) else None
-        event = bound_args.arguments.get("ev")
-        if isinstance(event, _AGENT_EVENTS):
-            agent = event.current_agent_name
-        return _PlacedSpan(
-            id_=id_,
-            parent_id=parent_span_id,
-            name=name,
-            workflow=isinstance(instance, Workflow),
-            model=isinstance(instance, (BaseLLM, BaseEmbedding)),
-            agent=agent,
-        )
+        try:
+            agent = instance.name if isinstance(instance, BaseWorkflowAgent) else None
+            event = bound_args.arguments.get("ev")
+            if isinstance(event, _AGENT_EVENTS):
+                agent = event.current_agent_name
+            return _PlacedSpan(
+                id_=id_,
+                parent_id=parent_span_id,
+                name=name,
+                workflow=isinstance(instance, Workflow),
+                model=isinstance(instance, (BaseLLM, BaseEmbedding)),
+                agent=agent,
+            )
+        except Exception:  # the dispatcher does not guard span handlers: never break the call
+            logger.warning("could not place span %s", id_, exc_info=True)
+            return _PlacedSpan(id_=id_, parent_id=parent_span_id, name=name)
 
     def prepare_to_exit_span(
         self,
@@ -90,11 +97,7 @@ class SpanTree(BaseSpanHandler[_PlacedSpan]):
         err: BaseException | None = None,
         **kwargs: Any,
     ) -> _PlacedSpan | None:
-        span = self.open_spans.get(id_)
-        if span is not None:
-            with self.lock:
-                self.open_spans.pop(id_, None)
-        return None  # the base class would keep a dropped span in dropped_spans
+        return self.open_spans.get(id_)  # returned: the base class forgets it
 
     def attribution(self, span_id: str | None, declared: frozenset[str]) -> Attribution:
         """Where the call in span ``span_id`` runs, and the declared instrument tags."""
