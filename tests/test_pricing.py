@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
@@ -154,3 +155,110 @@ def test_tiered_prices_are_exact_on_both_sides_of_the_tier(
         assert pricer.price(usage, "claude-sonnet-4-5", "anthropic").cost_usd == (
             expected.total_price
         )
+
+
+NOON = datetime(2026, 1, 5, 12, 0, tzinfo=timezone.utc)
+TIERED = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)  # tier prices since 2026-10-12
+
+
+def _rate(model: str, provider: str, key: str, at: datetime = NOON) -> Decimal:
+    """genai-prices' published USD per 1M of ``key`` (or per 1K requests)."""
+    from genai_prices import data_snapshot
+
+    info = data_snapshot.get_snapshot().find_provider_model(model, None, provider, None)[1]
+    value = getattr(info.get_prices(at), key)
+    assert isinstance(value, Decimal), (model, key, value)
+    return value
+
+
+def test_a_fine_tune_is_never_priced_as_its_base_model(caplog: pytest.LogCaptureFixture) -> None:
+    pricer = Pricer()
+    usage = TokenUsage(prompt_tokens=1_000_000)
+    with caplog.at_level(logging.WARNING, logger="usage_callbacks"):
+        results = [pricer.price(usage, "ft:o4-mini-2025-04-16:acme::abc123", "openai", NOON)]
+        results += [pricer.price(usage, "ft:o4-mini-2025-04-16:acme::abc123", "openai", NOON)]
+    assert all(not r.known and r.cost_usd == 0 for r in results)
+    assert sum("fine-tune" in message for message in caplog.messages) == 1
+    # a fine-tune the price database publishes is priced at that price
+    published = pricer.price(usage, "ft:gpt-4o-mini-2024-07-18:acme::x", "openai", NOON)
+    assert published.known
+    assert published.cost_usd == _rate("ft:gpt-4o-mini-2024-07-18:acme::x", "openai", "input_mtok")
+    assert published.cost_usd != pricer.price(usage, "gpt-4o-mini", "openai", NOON).cost_usd
+
+
+def test_per_request_fees_are_charged_once_per_call() -> None:
+    usage = TokenUsage(prompt_tokens=100, completion_tokens=100)
+    tokens = (
+        100 * _rate("sonar", "perplexity", "input_mtok")
+        + 100 * _rate("sonar", "perplexity", "output_mtok")
+    ) / 1_000_000
+    fee = _rate("sonar", "perplexity", "requests_kcount") / 1_000
+    assert Pricer().price(usage, "sonar", "perplexity", NOON).cost_usd == tokens + fee
+
+
+def test_time_of_day_prices_follow_each_call() -> None:
+    pricer = Pricer()
+    usage = TokenUsage(prompt_tokens=1_000_000)
+    peak = datetime(2026, 1, 5, 3, 0, tzinfo=timezone.utc)
+    off_peak = datetime(2026, 1, 5, 17, 0, tzinfo=timezone.utc)  # 16:30-00:30 UTC
+    costs = [
+        pricer.price(usage, "deepseek-chat", "deepseek", at).cost_usd
+        for at in (peak, off_peak, peak)
+    ]
+    assert costs[0] == costs[2] == _rate("deepseek-chat", "deepseek", "input_mtok", peak)
+    assert costs[1] == _rate("deepseek-chat", "deepseek", "input_mtok", off_peak) < costs[0]
+
+
+def test_anthropic_cache_writes_are_priced_by_ttl() -> None:
+    def cost(write_1h: int) -> Decimal:
+        usage = TokenUsage(
+            prompt_tokens=1_000_000,
+            cache_write_tokens=1_000_000,
+            cache_write_1h_tokens=write_1h,
+        )
+        return Pricer().price(usage, "claude-opus-4-1", "anthropic", NOON).cost_usd
+
+    base = _rate("claude-opus-4-1", "anthropic", "input_mtok")
+    assert cost(0) == base * Decimal("1.25")
+    assert cost(1_000_000) == base * 2
+
+
+def test_the_service_tier_is_priced() -> None:
+    def cost(tier: str | None) -> Decimal:
+        usage = TokenUsage(prompt_tokens=1_000_000, service_tier=tier)
+        return Pricer().price(usage, "o3", "openai", TIERED).cost_usd
+
+    assert cost("flex") == _rate("o3", "openai", "input_mtok", TIERED) / 2 == cost(None) / 2
+    assert cost("priority") > cost(None)
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "usage", "key"),
+    [
+        ("gpt-audio", "openai", {"input_audio_tokens": 1_000_000}, "input_audio_mtok"),
+        ("gpt-audio", "openai", {"output_audio_tokens": 1_000_000}, "output_audio_mtok"),
+        (
+            "gemini-2.5-flash-image",
+            "google",
+            {"output_image_tokens": 1_000_000},
+            "output_image_mtok",
+        ),
+    ],
+)
+def test_audio_and_image_tokens_at_their_own_rates(
+    model: str, provider: str, usage: dict[str, int], key: str
+) -> None:
+    whole = "prompt_tokens" if key.startswith("input") else "completion_tokens"
+    priced = Pricer().price(TokenUsage(**{whole: 1_000_000}, **usage), model, provider, NOON)
+    assert priced.cost_usd == _rate(model, provider, key)
+
+
+def test_web_searches_are_priced_per_request() -> None:
+    usage = TokenUsage(prompt_tokens=1_000, web_search_requests=3)
+    plain = TokenUsage(prompt_tokens=1_000)
+    pricer = Pricer()
+    extra = (
+        pricer.price(usage, "claude-sonnet-4-5", "anthropic", NOON).cost_usd
+        - pricer.price(plain, "claude-sonnet-4-5", "anthropic", NOON).cost_usd
+    )
+    assert extra == 3 * _rate("claude-sonnet-4-5", "anthropic", "web_searches_kcount") / 1_000
