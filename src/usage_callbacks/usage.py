@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from decimal import Decimal
+from functools import lru_cache
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -235,3 +236,24 @@ def _clamp(counts: dict[str, int], whole: str, parts: tuple[str, ...]) -> None:
     for part in parts:
         counts[part] = min(counts[part], left)
         left -= counts[part]
+
+
+def with_estimated_prompt(usage: TokenUsage, prompt: int, model: str | None) -> TokenUsage:
+    """``usage`` whose provider reported no input for a non-empty prompt (some
+    Anthropic-compatible proxies report it only in a stream's ``message_start``), with
+    the estimate ``prompt`` in its place and flagged; warns once per model."""
+    if prompt <= 0:
+        return usage
+    _warn_missing_prompt(model)
+    fields = dict(usage.__dict__)
+    fields.update(prompt_tokens=prompt, total_tokens=usage.total + prompt, estimated=True)
+    return trusted_instance(TokenUsage, fields)
+
+
+@lru_cache(maxsize=1024)  # the cache is the "once": bounded, whatever the model names
+def _warn_missing_prompt(model: str | None) -> None:
+    logger.warning(
+        "model %r reported 0 input tokens for a non-empty prompt; recording a tiktoken "
+        "estimate of the prompt, flagged estimated",
+        model,
+    )

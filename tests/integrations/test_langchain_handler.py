@@ -312,3 +312,18 @@ def test_bad_usage_payloads_never_break_the_call(
     record = _only(memory_tracker)
     # nothing usable reported: an estimate, flagged, rather than an exact-looking zero
     assert record.estimated and record.total_tokens > 0 and record.status == "ok"
+
+
+def test_a_reported_zero_prompt_is_estimated_and_flagged_once_per_model(
+    memory_tracker: UsageTracker, handler: UsageCallbackHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Some Anthropic-compatible proxies report a stream's input only in message_start:
+    input 0 for a non-empty prompt must not be stored as an exact zero."""
+    model = CountingChatModel(prompt_tokens=0, completion_tokens=7, model="proxy-model-0in")
+    with caplog.at_level(logging.WARNING, logger="usage_callbacks"):
+        model.invoke("What is the answer to everything?", config={"callbacks": [handler]})
+        model.invoke("And the question?", config={"callbacks": [handler]})
+    records = memory_tracker.records()
+    assert [r.completion_tokens for r in records] == [7, 7]
+    assert all(r.estimated and r.prompt_tokens > 5 for r in records)
+    assert sum("reported 0 input tokens" in m for m in caplog.messages) == 1

@@ -53,7 +53,7 @@ from usage_callbacks.tokens import (
     message_text,
 )
 from usage_callbacks.tracker import UsageTracker
-from usage_callbacks.usage import CallType, TokenUsage, build_usage
+from usage_callbacks.usage import CallType, TokenUsage, build_usage, with_estimated_prompt
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -513,7 +513,21 @@ def _reported_usage(
     response: LLMResult | None,
     generations: list[Any],
     metadatas: list[dict[str, Any]],
-    provider: str | None = None,
+    state: RunState,
+) -> TokenUsage | None:
+    """Provider numbers; a prompt the provider reported as 0 tokens is estimated."""
+    usage = _provider_usage(response, generations, metadatas, state.provider)
+    if usage is not None and not usage.prompt_tokens and usage.completion_tokens:
+        prompt = (state.prompt_estimate or _estimate_prompt(state)).prompt_tokens
+        usage = with_estimated_prompt(usage, prompt, state.model)
+    return usage
+
+
+def _provider_usage(
+    response: LLMResult | None,
+    generations: list[Any],
+    metadatas: list[dict[str, Any]],
+    provider: str | None,
 ) -> TokenUsage | None:
     """Provider numbers, from the most specific place LangChain put them: the messages'
     ``usage_metadata`` (``metadatas``), the LLM output, the generations' metadata."""
@@ -577,7 +591,7 @@ def _record(
     generations = _generations(response)
     metadatas = [usage for usage in map(_usage_metadata, generations) if usage]
     cache_hit = error is None and _is_cache_hit(metadatas)
-    usage = _reported_usage(response, generations, metadatas, state.provider)
+    usage = _reported_usage(response, generations, metadatas, state)
     if usage is None and not cache_hit and (error is None or state.streamed or generations):
         usage = _estimate(state, generations)
     model = _response_model(response, generations) or state.model or UNKNOWN_MODEL

@@ -77,7 +77,7 @@ from usage_callbacks.tokens import (
     message_text,
 )
 from usage_callbacks.tracker import UsageTracker
-from usage_callbacks.usage import CallType, TokenUsage, build_usage
+from usage_callbacks.usage import CallType, TokenUsage, build_usage, with_estimated_prompt
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -261,7 +261,15 @@ def _response_model(response: Any) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-def _reported_usage(response: Any, source: UsageSource) -> TokenUsage | None:
+def _reported_usage(response: Any, state: RunState) -> TokenUsage | None:
+    """Provider numbers; a prompt the provider reported as 0 tokens is estimated."""
+    usage = _provider_usage(response, state.extra.get("usage_source", "openai"))
+    if usage is not None and not usage.prompt_tokens and usage.completion_tokens:
+        usage = with_estimated_prompt(usage, _prompt_estimate(state), state.model)
+    return usage
+
+
+def _provider_usage(response: Any, source: UsageSource) -> TokenUsage | None:
     """Provider numbers: the raw response as its LLM class returns it, then the counts
     OpenAI-like classes copy into ``additional_kwargs`` (streams with usage)."""
     if response is None:
@@ -378,8 +386,7 @@ def _finish_run(
         texts = [chunk for chunk in (chunks or []) if isinstance(chunk, str)]
         usage = build_usage(embedding=count_texts_tokens(texts, model), estimated=True)
     else:
-        source = state.extra.get("usage_source", "openai")
-        usage = _reported_usage(response, source) or _estimate(state, response, streamed, error)
+        usage = _reported_usage(response, state) or _estimate(state, response, streamed, error)
     tracker.record_run(state, usage, model=model, error=error)
 
 
