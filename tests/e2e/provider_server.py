@@ -5,13 +5,19 @@ llama-index-embeddings-openai) talk to it as to the providers. Every response ca
 deterministic usage, and ``server.billed`` keeps what was billed per request, so tests
 compare what usage-callbacks recorded with what the "provider" charged, token for token.
 
-Billing rules (deterministic, non-trivial):
-- chat prompt = 11 + characters of all message text // 4; ``cached`` of it were cache
-  reads (OpenAI ``prompt_tokens_details.cached_tokens``; Anthropic
-  ``cache_read_input_tokens``) and ``cache_write`` were cache writes (Anthropic only);
+Billing rules (deterministic, non-trivial), reported as the current APIs report them:
+- chat prompt = 11 + characters of all message text, tool schemas and tool-call
+  arguments // 4; ``cached`` of it were cache reads (OpenAI
+  ``prompt_tokens_details.cached_tokens``; Anthropic ``cache_read_input_tokens``) and
+  ``cache_write`` were cache writes (Anthropic only; ``cache_write_1h`` of them for an
+  hour, reported split under ``cache_creation``);
 - completion = the words of the reply + ``reasoning`` (OpenAI reasoning tokens); a
   queued tool call (OpenAI, not streamed) is answered instead of the reply and bills
   1 + the characters of its arguments // 4;
+- OpenAI echoes a requested ``service_tier`` (flex, priority) and bills at it; the
+  Responses API (``/responses``) bills like chat, in its own usage shape;
+- Anthropic's ``message_delta`` usage is cumulative; ``web_searches`` server-side
+  searches are reported under ``server_tool_use``;
 - embeddings: the number of token ids sent, or tiktoken's count of the texts sent.
 """
 
@@ -40,8 +46,11 @@ class Bill:
     completion: int = 0
     cached: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0
     reasoning: int = 0
     embedding: int = 0
+    web_searches: int = 0
+    service_tier: str | None = None
 
 
 @dataclass
@@ -50,7 +59,9 @@ class ProviderServer:
 
     cached: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0
     reasoning: int = 0
+    web_searches: int = 0
     reply: str = REPLY
     #: (function name, arguments) to answer the next OpenAI chat requests with, in order
     tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -79,6 +90,8 @@ class ProviderServer:
                 route = self.path.split("?")[0].rstrip("/")
                 if route.endswith("/chat/completions"):
                     server._openai_chat(self, body)
+                elif route.endswith("/responses"):
+                    server._openai_responses(self, body)
                 elif route.endswith("/embeddings"):
                     server._openai_embeddings(self, body)
                 elif route.endswith("/messages"):
@@ -109,13 +122,27 @@ class ProviderServer:
         return bill
 
     def _prompt(self, body: dict[str, Any]) -> int:
-        texts = [_text(m.get("content")) for m in body.get("messages", [])]
-        texts.append(_text(body.get("system")))
+        messages = body.get("messages") or []
+        if isinstance(body.get("input"), str):  # the Responses API
+            messages = [{"content": body["input"]}]
+        elif isinstance(body.get("input"), list):
+            messages = body["input"]
+        texts = [_text(m.get("content")) for m in messages]
+        texts += [
+            call["function"]["arguments"] for m in messages for call in m.get("tool_calls") or ()
+        ]
+        texts += [_text(body.get("system")), _text(body.get("instructions"))]
+        if body.get("tools"):
+            texts.append(json.dumps(body["tools"], sort_keys=True))
         return 11 + sum(len(text) for text in texts) // 4
 
     def _completion_words(self) -> list[str]:
         words = self.reply.split(" ")
         return [word if i == 0 else " " + word for i, word in enumerate(words)]
+
+    def _tier(self, body: dict[str, Any]) -> str | None:
+        tier = body.get("service_tier")
+        return tier if tier in ("flex", "priority") else None
 
     # ------------------------------------------------------------------ OpenAI
 
@@ -135,6 +162,7 @@ class ProviderServer:
                 completion=len(words) + self.reasoning,
                 cached=min(self.cached, prompt),
                 reasoning=self.reasoning,
+                service_tier=self._tier(body),
             )
         )
         usage = {
@@ -145,6 +173,8 @@ class ProviderServer:
             "completion_tokens_details": {"reasoning_tokens": bill.reasoning, "audio_tokens": 0},
         }
         base = {"id": "chatcmpl-test", "created": int(time.time()), "model": body["model"]}
+        if bill.service_tier:
+            base["service_tier"] = bill.service_tier
         if not body.get("stream"):
             _json(
                 handler,
@@ -211,6 +241,92 @@ class ProviderServer:
             },
         )
 
+    def _openai_responses(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        prompt = self._prompt(body)
+        words = self._completion_words()
+        bill = self._bill(
+            Bill(
+                endpoint="openai.responses",
+                model=body["model"],
+                prompt=prompt,
+                completion=len(words) + self.reasoning,
+                cached=min(self.cached, prompt),
+                reasoning=self.reasoning,
+                service_tier=self._tier(body),
+            )
+        )
+        text = {"type": "output_text", "text": self.reply, "annotations": [], "logprobs": []}
+        item = {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [text],
+        }
+        response = {
+            "id": "resp_test",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": body["model"],
+            "status": "completed",
+            "output": [item],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "service_tier": bill.service_tier or "default",
+            "usage": {
+                "input_tokens": bill.prompt,
+                "input_tokens_details": {"cached_tokens": bill.cached},
+                "output_tokens": bill.completion,
+                "output_tokens_details": {"reasoning_tokens": bill.reasoning},
+                "total_tokens": bill.prompt + bill.completion,
+            },
+        }
+        if not body.get("stream"):
+            _json(handler, response)
+            return
+
+        def events() -> Iterator[tuple[str | None, dict[str, Any]]]:
+            started = {**response, "status": "in_progress", "output": [], "usage": None}
+            yield "response.created", {"type": "response.created", "response": started}
+            yield (
+                "response.output_item.added",
+                {
+                    "type": "response.output_item.added",
+                    "output_index": 0,
+                    "item": {**item, "status": "in_progress", "content": []},
+                },
+            )
+            part = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+            yield (
+                "response.content_part.added",
+                {"type": "response.content_part.added", **part, "part": {**text, "text": ""}},
+            )
+            for word in words:
+                yield (
+                    "response.output_text.delta",
+                    {"type": "response.output_text.delta", **part, "delta": word, "logprobs": []},
+                )
+            yield (
+                "response.output_text.done",
+                {"type": "response.output_text.done", **part, "text": self.reply, "logprobs": []},
+            )
+            yield (
+                "response.content_part.done",
+                {"type": "response.content_part.done", **part, "part": text},
+            )
+            yield (
+                "response.output_item.done",
+                {"type": "response.output_item.done", "output_index": 0, "item": item},
+            )
+            yield "response.completed", {"type": "response.completed", "response": response}
+
+        _sse(
+            handler,
+            ((name, {**event, "sequence_number": n}) for n, (name, event) in enumerate(events())),
+            done=False,
+        )
+
     def _openai_embeddings(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         tokens = sum(
@@ -242,6 +358,7 @@ class ProviderServer:
         cached = min(self.cached, prompt)
         cache_write = min(self.cache_write, prompt - cached)
         words = self._completion_words()
+        write_1h = min(self.cache_write_1h, cache_write)
         bill = self._bill(
             Bill(
                 endpoint="anthropic.messages",
@@ -250,6 +367,8 @@ class ProviderServer:
                 completion=len(words),
                 cached=cached,
                 cache_write=cache_write,
+                cache_write_1h=write_1h,
+                web_searches=self.web_searches,
             )
         )
         usage = {
@@ -257,6 +376,12 @@ class ProviderServer:
             "output_tokens": bill.completion,
             "cache_read_input_tokens": cached,
             "cache_creation_input_tokens": cache_write,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": cache_write - write_1h,
+                "ephemeral_1h_input_tokens": write_1h,
+            },
+            "server_tool_use": {"web_search_requests": self.web_searches, "web_fetch_requests": 0},
+            "service_tier": "standard",
         }
         message = {
             "id": "msg_test",

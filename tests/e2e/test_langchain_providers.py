@@ -7,6 +7,7 @@ cost what genai-prices says that usage costs.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from genai_prices import Usage, calc_price
@@ -22,10 +23,8 @@ from usage_callbacks.store.models import UsageRecord
 QUESTION = "What is the capital of France? Answer in one sentence, please."
 
 
-def _openai(server: ProviderServer, **kwargs: object) -> ChatOpenAI:
-    return ChatOpenAI(
-        model="gpt-4o-mini", base_url=f"{server.base_url}/v1", api_key="test", **kwargs
-    )
+def _openai(server: ProviderServer, model: str = "gpt-4o-mini", **kwargs: Any) -> ChatOpenAI:
+    return ChatOpenAI(model=model, base_url=f"{server.base_url}/v1", api_key="test", **kwargs)
 
 
 def _anthropic(server: ProviderServer) -> ChatAnthropic:
@@ -41,8 +40,20 @@ def _matches(record: UsageRecord, bill: Bill) -> None:
         record.completion_tokens,
         record.cache_read_tokens,
         record.cache_write_tokens,
+        record.cache_write_1h_tokens,
         record.reasoning_tokens,
-    ) == (bill.prompt, bill.completion, bill.cached, bill.cache_write, bill.reasoning)
+        record.web_search_requests,
+        record.service_tier,
+    ) == (
+        bill.prompt,
+        bill.completion,
+        bill.cached,
+        bill.cache_write,
+        bill.cache_write_1h,
+        bill.reasoning,
+        bill.web_searches,
+        bill.service_tier,
+    )
     provider = "openai" if bill.endpoint.startswith("openai") else "anthropic"
     expected = calc_price(
         Usage(
@@ -50,9 +61,15 @@ def _matches(record: UsageRecord, bill: Bill) -> None:
             output_tokens=bill.completion,
             cache_read_tokens=bill.cached,
             cache_write_tokens=bill.cache_write,
+            cache_write_5m_tokens=bill.cache_write - bill.cache_write_1h,
+            cache_write_1h_tokens=bill.cache_write_1h,
+            output_reasoning_tokens=bill.reasoning,
+            web_searches=bill.web_searches,
         ),
         model_ref=bill.model,
         provider_id=provider,
+        genai_request_timestamp=record.ended_at,
+        price_context={"service_tier": bill.service_tier} if bill.service_tier else None,
     ).total_price
     assert record.cost_estimate_usd == expected and record.cost_known
 
@@ -166,3 +183,82 @@ def test_same_chat_totals_as_langchain_cores_handler(
         theirs["output_tokens"],
         theirs["input_token_details"]["cache_read"],
     )
+
+
+def test_anthropic_cache_writes_split_by_ttl_and_web_searches(
+    server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    """langchain-anthropic reports TTL-split writes with cache_creation 0; the 1h part
+    costs 2x input, the 5m part 1.25x; web searches are billed per request."""
+    server.cached, server.cache_write, server.cache_write_1h, server.web_searches = 8, 6, 4, 2
+    model = _anthropic(server)
+    config = {"callbacks": [UsageCallbackHandler(memory_tracker)]}
+    model.invoke(QUESTION, config=config)  # type: ignore[arg-type]
+    list(model.stream(QUESTION, config=config))  # type: ignore[arg-type]
+    records = memory_tracker.records()
+    assert len(records) == len(server.billed) == 2
+    _matches(records[0], server.billed[0])
+    # streamed: the web-search count is not in the stream's usage_metadata, the rest is
+    streamed = server.billed[1]
+    streamed.web_searches = 0
+    _matches(records[1], streamed)
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority"])
+def test_openai_service_tiers_are_read_and_priced(
+    tier: str, server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    server.cached, server.reasoning = 16, 7
+    model = _openai(server, model="o4-mini", service_tier=tier, stream_usage=True)
+    config = {"callbacks": [UsageCallbackHandler(memory_tracker)]}
+    model.invoke(QUESTION, config=config)  # type: ignore[arg-type]
+    list(model.stream(QUESTION, config=config))  # type: ignore[arg-type]
+    records = memory_tracker.records()
+    assert len(records) == len(server.billed) == 2
+    for record, bill in zip(records, server.billed, strict=True):
+        assert bill.service_tier == tier
+        _matches(record, bill)
+
+
+def test_openai_responses_api_invoke_and_stream(
+    server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    server.cached, server.reasoning = 16, 7
+    model = _openai(server, use_responses_api=True)
+    config = {"callbacks": [UsageCallbackHandler(memory_tracker)]}
+    model.invoke(QUESTION, config=config)  # type: ignore[arg-type]
+    list(model.stream(QUESTION, config=config))  # type: ignore[arg-type]
+    records = memory_tracker.records()
+    assert len(records) == len(server.billed) == 2
+    assert {bill.endpoint for bill in server.billed} == {"openai.responses"}
+    for record, bill in zip(records, server.billed, strict=True):
+        _matches(record, bill)
+
+
+def test_openai_tool_calls_bill_schemas_arguments_and_results(
+    server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    @tool
+    def weather(city: str, units: str = "metric") -> str:
+        """The weather in a city."""
+        return f"Sunny in {city}"
+
+    server.tool_calls.append(("weather", {"city": "Paris", "units": "metric"}))
+    model = _openai(server).bind_tools([weather])
+    config = {"callbacks": [UsageCallbackHandler(memory_tracker)]}
+    messages: list[Any] = [HumanMessage("What is the weather in Paris?")]
+    call = model.invoke(messages, config=config)  # type: ignore[arg-type]
+    assert call.tool_calls  # type: ignore[attr-defined]
+    messages += [
+        call,
+        ToolMessage(weather.invoke(call.tool_calls[0]["args"]), tool_call_id="call_1"),
+    ]  # type: ignore[attr-defined]
+    answer = model.invoke(messages, config=config)  # type: ignore[arg-type]
+    assert answer.content
+    records = memory_tracker.records()
+    assert len(records) == len(server.billed) == 2
+    for record, bill in zip(records, server.billed, strict=True):
+        _matches(record, bill)
