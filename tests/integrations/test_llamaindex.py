@@ -319,3 +319,43 @@ def test_an_explicit_handler_and_a_session_on_one_manager(memory_tracker: UsageT
             h for h in Settings.callback_manager.handlers if type(h) is not UsageCallbackHandler
         ]
         Settings.llm = None  # type: ignore[assignment]
+
+
+def _corpus_case(name: str) -> Any:
+    from tests.usage_corpus import CASES
+
+    return next(case for case in CASES if case.name == name)
+
+
+@pytest.mark.parametrize(
+    ("class_name", "case"),
+    [
+        ("Anthropic_LLM", "anthropic cache read and writes split by TTL"),
+        ("litellm_llm", "litellm usage for anthropic with cache"),
+        ("litellm_llm", "litellm usage without cache (still carries cache_* = 0)"),
+        ("GoogleGenAI", "google-genai SDK object with modalities, thoughts and tool use"),
+        ("Bedrock_Converse_LLM", "bedrock converse with cache TTLs"),
+        ("Ollama_llm", "ollama chat"),
+        ("openai_responses_llm", "openai responses with cache and reasoning"),
+        ("openai_llm", "openai chat served at the flex tier"),
+    ],
+)
+def test_raw_is_read_by_the_llm_class_that_returned_it(
+    class_name: str, case: str, memory_tracker: UsageTracker
+) -> None:
+    """Each LLM class's response.raw is read by its provider's reader, never guessed
+    (LiteLLM usage always carries cache_*_input_tokens and was read as Anthropic's)."""
+    payload = _corpus_case(case)
+
+    class ProviderLLM(BilledLLM):
+        @classmethod
+        def class_name(cls) -> str:
+            return class_name
+
+        def _raw(self) -> Any:
+            return payload.response
+
+    ProviderLLM(callback_manager=_manager(memory_tracker)).complete("hello")
+    [record] = memory_tracker.records()
+    fields = {name: getattr(record, name) for name in payload.bills}
+    assert fields == payload.bills and not record.estimated

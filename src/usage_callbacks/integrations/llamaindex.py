@@ -231,8 +231,9 @@ def _provider_of_class(class_name: str) -> str | None:
 
 @lru_cache(maxsize=256)
 def _raw_source(class_name: str) -> UsageSource:
-    """Cached like ``_provider_of_class``; OpenAI's whole-response reader by default."""
-    name = class_name.lower()
+    """Cached like ``_provider_of_class``; OpenAI's whole-response reader by default.
+    Class names as the integrations spell them: ``Bedrock_Converse_LLM``, ``GoogleGenAI``."""
+    name = class_name.lower().replace("_", "")
     return next((source for marker, source in _RAW_SOURCES if marker in name), "openai")
 
 
