@@ -252,10 +252,8 @@ def test_openai_tool_calls_bill_schemas_arguments_and_results(
     messages: list[Any] = [HumanMessage("What is the weather in Paris?")]
     call = model.invoke(messages, config=config)  # type: ignore[arg-type]
     assert call.tool_calls  # type: ignore[attr-defined]
-    messages += [
-        call,
-        ToolMessage(weather.invoke(call.tool_calls[0]["args"]), tool_call_id="call_1"),
-    ]  # type: ignore[attr-defined]
+    tool_call = call.tool_calls[0]  # type: ignore[attr-defined]
+    messages += [call, ToolMessage(weather.invoke(tool_call["args"]), tool_call_id=tool_call["id"])]
     answer = model.invoke(messages, config=config)  # type: ignore[arg-type]
     assert answer.content
     records = memory_tracker.records()
