@@ -92,6 +92,23 @@ def test_log_line(caplog: pytest.LogCaptureFixture) -> None:
     )
 
 
+def test_the_log_line_shows_the_parts_there_are(caplog: pytest.LogCaptureFixture) -> None:
+    usage = TokenUsage(
+        prompt_tokens=1000,
+        completion_tokens=500,
+        input_audio_tokens=800,
+        output_audio_tokens=400,
+        web_search_requests=2,
+    )
+    with (
+        caplog.at_level(logging.INFO, logger="usage_callbacks"),
+        UsageTracker("memory://", log_usage=True) as tracker,
+    ):
+        tracker.record(usage, model="gpt-audio")
+    [line] = [m for m in caplog.messages if m.startswith("Token usage:")]
+    assert line.endswith(", input_audio=800, output_audio=400, web_search_requests=2")
+
+
 def _ids_in_child(_: int) -> list[str]:
     from usage_callbacks.store.models import new_record_id
 

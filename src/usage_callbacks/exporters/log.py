@@ -5,6 +5,15 @@ from __future__ import annotations
 import logging
 
 from usage_callbacks.store.models import UsageRecord
+from usage_callbacks.usage import COUNT_FIELDS
+
+#: Shown after the totals when not zero: the parts (cache, audio, image, tool-use
+#: prompt, reasoning) and the per-request units.
+_PARTS = tuple(
+    name
+    for name in COUNT_FIELDS
+    if name not in ("prompt_tokens", "completion_tokens", "embedding_tokens")
+)
 
 
 class LogExporter:
@@ -19,7 +28,7 @@ class LogExporter:
             return
         self.logger.log(
             self.level,
-            "Token usage: prompt=%d, completion=%d, total=%d, embedding=%d, model=%s, cost=$%s%s",
+            "Token usage: prompt=%d, completion=%d, total=%d, embedding=%d, model=%s, cost=$%s%s%s",
             record.prompt_tokens,
             record.completion_tokens,
             record.total_tokens,
@@ -27,4 +36,9 @@ class LogExporter:
             record.model or "unknown",
             f"{record.cost_estimate_usd:.6f}",
             " (estimated)" if record.estimated else "",
+            "".join(
+                f", {name.removesuffix('_tokens')}={value}"
+                for name in _PARTS
+                if (value := getattr(record, name))
+            ),
         )
