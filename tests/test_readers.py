@@ -105,3 +105,15 @@ def test_langchain_usage_metadata_reads_as_billed(case: Case) -> None:
 
     expected = {k: v for k, v in case.bills.items() if k not in _NOT_IN_LANGCHAIN}
     assert _billed(usage_from_langchain(_langchain_metadata(case))) == expected
+
+
+def test_xai_through_langchain_counts_reasoning_beside_the_completion() -> None:
+    """langchain-xai builds usage_metadata with langchain-openai's code, which copies
+    xAI's completion_tokens (reasoning excluded) as output_tokens."""
+    from langchain_openai.chat_models.base import _create_usage_metadata
+
+    from usage_callbacks.readers import usage_from_langchain
+
+    case = next(case for case in CASES if case.source == "xai")
+    metadata = _create_usage_metadata(case.response["usage"])
+    assert _billed(usage_from_langchain(metadata, reasoning_additive=True)) == case.bills
