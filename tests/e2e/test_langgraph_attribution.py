@@ -242,3 +242,19 @@ def test_a_failing_node_leaves_no_run_behind() -> None:
         [record] = tracker.records()
         assert (record.node, record.run_name) == ("broken", "broken")
         assert len(handler._tree) == 0 and len(tracker.runs) == 0
+
+
+def test_a_model_called_inside_a_tool_is_named_after_the_tool() -> None:
+    with UsageTracker("memory://") as tracker:
+        handler = UsageCallbackHandler(tracker)
+        inner = ToolCallingFake(responses=_replies(1)[1:])
+
+        @tool
+        def summarize(text: str) -> str:
+            """Summarize a text with a model (the tool's callbacks reach it by context)."""
+            return str(inner.invoke(text).content)
+
+        assert summarize.invoke({"text": "long text"}, config={"callbacks": [handler]})
+        [record] = tracker.records()
+        assert (record.run_name, record.root_run_name) == ("summarize", "summarize")
+        assert len(handler._tree) == 0

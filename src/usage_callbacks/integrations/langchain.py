@@ -185,7 +185,10 @@ class UsageCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._tree.start(run_id, parent_run_id, kwargs.get("name"), metadata)
+        # a tool's run name is only set when the caller gave one; its own name is in
+        # the serialized {"name", "description"} LangChain passes
+        name = kwargs.get("name") or (serialized or {}).get("name")
+        self._tree.start(run_id, parent_run_id, name, metadata)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._tree.end(run_id)
