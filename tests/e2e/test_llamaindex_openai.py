@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from genai_prices import Usage, calc_price
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.llms import ChatMessage
 from llama_index.embeddings.openai import OpenAIEmbedding
@@ -126,3 +127,40 @@ def test_budget_refusal_never_reaches_the_server(server: ProviderServer) -> None
             for _ in range(10):
                 llm.chat(MESSAGES)
         assert server.requests == len(tracker.records()) == 2
+
+
+@pytest.mark.parametrize("tier", [None, "flex"])
+def test_responses_api_llm_equals_the_bill_at_its_tier(
+    tier: str | None, server: ProviderServer, memory_tracker: UsageTracker
+) -> None:
+    """OpenAIResponses returns a Response in raw: read by the type it declares, with
+    the service tier it was served at."""
+    from llama_index.llms.openai import OpenAIResponses
+
+    server.cached, server.reasoning = 16, 3
+    llm = OpenAIResponses(
+        model="o4-mini",
+        api_base=f"{server.base_url}/v1",
+        api_key="test",
+        callback_manager=CallbackManager([UsageCallbackHandler(memory_tracker)]),
+        **({"additional_kwargs": {"service_tier": tier}} if tier else {}),  # type: ignore[arg-type]
+    )
+    llm.chat(MESSAGES)
+    assert [b.endpoint for b in server.billed] == ["openai.responses"]
+    assert _parts(memory_tracker) == _billed(server)
+    [record] = memory_tracker.records()
+    assert record.service_tier == tier and not record.estimated and record.cost_known
+    [bill] = server.billed
+    expected = calc_price(
+        Usage(
+            input_tokens=bill.prompt,
+            output_tokens=bill.completion,
+            cache_read_tokens=bill.cached,
+            output_reasoning_tokens=bill.reasoning,
+        ),
+        model_ref="o4-mini",
+        provider_id="openai",
+        genai_request_timestamp=record.ended_at,
+        price_context={"service_tier": tier} if tier else None,
+    ).total_price
+    assert record.cost_estimate_usd == expected
