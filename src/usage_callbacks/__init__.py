@@ -10,6 +10,7 @@ from usage_callbacks.budgets import (
     BudgetExceededError,
     BudgetUnavailableError,
     BudgetWarning,
+    UnpricedModelError,
 )
 from usage_callbacks.pricing import ModelPrice, PriceTable, calculate_cost, price
 from usage_callbacks.readers import normalize_usage
@@ -50,6 +51,7 @@ __all__ = [
     "StoreConfigurationError",
     "TokenStats",
     "TokenUsage",
+    "UnpricedModelError",
     "UsageExporter",
     "UsageFilter",
     "UsageRecord",

@@ -227,15 +227,22 @@ def _rebuild_error(cls: type[BudgetExceededError], state: dict[str, Any]) -> Bud
 
 
 class BudgetUnavailableError(BudgetExceededError):
-    """Fail-closed refusal: the budget could not be checked because its database is away."""
+    """Fail-closed refusal: the budgets could not be checked (their database is away, or
+    the call's worst case could not be worked out), so the call is not made."""
 
-    def __init__(self, budget: Budget, key: str, cause: Exception) -> None:
-        now = datetime.now(timezone.utc)
-        start, end = budget.window(now)
+    def __init__(self, budget: Budget | None, key: str | None, cause: BaseException) -> None:
         self.cause = cause
+        if budget is None:  # failed before knowing which budgets apply
+            now = datetime.now(timezone.utc)
+            self.budget, self.key, self.unit = None, key or "", "tokens"  # type: ignore[assignment]
+            self.limit = self.spent = self.requested = 0
+            self.period_start = self.period_end = now
+            Exception.__init__(self, self._message())
+            return
+        start, end = budget.window(datetime.now(timezone.utc))
         super().__init__(
             budget=budget,
-            key=key,
+            key=key or "",
             unit="usd" if budget.limit_usd is not None else "tokens",
             limit=budget.limit_usd if budget.limit_usd is not None else budget.limit_tokens or 0,
             spent=0,
@@ -245,8 +252,47 @@ class BudgetUnavailableError(BudgetExceededError):
         )
 
     def _message(self) -> str:
+        what = f"budget {self.budget.label}" if self.budget is not None else "budgets"
         return (
-            f"budget {self.budget.label} could not be checked ({self.cause}); refusing the call "
+            f"{what} could not be checked ({describe_failure(self.cause)}); refusing the call "
             "(fail-closed). Pass budget_failure_mode='open' to UsageTracker to allow calls "
-            "while the database is away."
+            "when budgets cannot be checked."
         )
+
+
+class UnpricedModelError(BudgetExceededError):
+    """A $ budget applies but the call's model has no known price, and the tracker was
+    told (``unpriced_usd_per_mtok=None``) to refuse such calls rather than bound them."""
+
+    def __init__(self, model: str | None, budget: Budget) -> None:
+        self.model = model
+        start, end = budget.window(datetime.now(timezone.utc))
+        super().__init__(
+            budget=budget,
+            key="",
+            unit="usd",
+            limit=budget.limit_usd or 0,
+            spent=0,
+            requested=0,
+            period_start=start,
+            period_end=end,
+        )
+
+    def _message(self) -> str:
+        model = getattr(self, "model", None)
+        return (
+            f"model {model or '(not named in the request)'} has no known price, so budget "
+            f"{self.budget.label} cannot bound this call; refusing it. Price it with "
+            f"UsageTracker(prices={{{model or 'MODEL'!r}: ModelPrice(input_per_mtok=..., "
+            "output_per_mtok=...)}), or set unpriced_usd_per_mtok to reserve unpriced calls "
+            "at that rate."
+        )
+
+
+def describe_failure(error: BaseException) -> str:
+    """What failed, in one line: the database driver's own words, never the SQL statement
+    or its parameters (SQLAlchemy puts both in ``str(error)``; they hold user ids)."""
+    cause = getattr(error, "orig", None) or error  # SQLAlchemy's DBAPIError wraps the driver's
+    lines = str(cause).strip().splitlines()
+    detail = lines[0][:200] if lines else ""
+    return f"{type(cause).__name__}: {detail}" if detail else type(cause).__name__

@@ -68,10 +68,18 @@ def _langchain_calls(tracker: UsageTracker) -> None:
 def _llamaindex_calls(tracker: UsageTracker) -> None:
     from llama_index.core import Document, Settings, VectorStoreIndex
     from llama_index.core.embeddings import MockEmbedding
-    from llama_index.core.llms import MockLLM
+    from llama_index.core.llms import LLMMetadata, MockLLM
 
-    Settings.llm = MockLLM(max_tokens=64)
-    Settings.embed_model = MockEmbedding(embed_dim=8)
+    class FakeGPT(MockLLM):
+        """LlamaIndex's fake LLM, naming its model as real integrations do (an unnamed
+        model has no price: a $ budget would count it at ``unpriced_usd_per_mtok``)."""
+
+        @property
+        def metadata(self) -> LLMMetadata:
+            return super().metadata.model_copy(update={"model_name": "gpt-4o-mini"})
+
+    Settings.llm = FakeGPT(max_tokens=64)
+    Settings.embed_model = MockEmbedding(embed_dim=8, model_name="text-embedding-3-small")
     documents = [
         Document(text="usage-callbacks records prompt, completion and embedding tokens."),
         Document(text="Budgets are checked before the provider is called."),

@@ -1,15 +1,13 @@
 """tiktoken counting for text, chat messages and embedding inputs, working offline.
 
-tiktoken downloads its encodings on first use. This library never does: it uses
-tiktoken's own cache when it holds the encoding, else the copies llama-index-core ships
-in ``llama_index/core/_static/tiktoken_cache``, else it fails with a message naming both.
+tiktoken downloads its encodings on first use. This library never does: the two
+encodings it counts with (cl100k_base, o200k_base) ship inside the package
+(``tiktoken_cache/``), so counting works in every install, with any extra or none.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache, lru_cache
@@ -19,6 +17,8 @@ from typing import Any
 import tiktoken
 import tiktoken.model
 
+#: The encodings shipped with the package, in tiktoken's cache layout.
+_BUNDLED_CACHE = Path(__file__).parent / "tiktoken_cache"
 #: tiktoken caches each encoding file under the SHA-1 of its download URL.
 _CACHE_KEYS = {
     "cl100k_base": "9b5ad71b2ce5302211f9c61530b329a4922fc6a4",
@@ -38,48 +38,26 @@ class EncodingUnavailableError(RuntimeError):
     """No offline copy of a tiktoken encoding could be found."""
 
 
-def _tiktoken_cache_dir() -> str:
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        return os.environ["TIKTOKEN_CACHE_DIR"]
-    if "DATA_GYM_CACHE_DIR" in os.environ:
-        return os.environ["DATA_GYM_CACHE_DIR"]
-    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
-
-
-def _llama_index_cache_dir() -> Path | None:
-    spec = importlib.util.find_spec("llama_index.core")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "_static" / "tiktoken_cache"
-    return path if path.is_dir() else None
-
-
 @cache
 def get_encoding(name: str) -> tiktoken.Encoding:
-    """The named encoding from a local file; never a network download."""
+    """The named encoding from the copy shipped with the package; never a download."""
     key = _CACHE_KEYS.get(name)
-    own_cache = _tiktoken_cache_dir()
-    if key is None or (own_cache and os.path.exists(os.path.join(own_cache, key))):
-        return tiktoken.get_encoding(name)
-    bundled = _llama_index_cache_dir()
-    if bundled is not None and (bundled / key).exists():
-        # tiktoken reads its cache location from the environment at load time only.
-        with _env_lock:
-            previous = os.environ.get("TIKTOKEN_CACHE_DIR")
-            os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)
-            try:
-                return tiktoken.get_encoding(name)
-            finally:
-                if previous is None:
-                    del os.environ["TIKTOKEN_CACHE_DIR"]
-                else:
-                    os.environ["TIKTOKEN_CACHE_DIR"] = previous
-    raise EncodingUnavailableError(
-        f"tiktoken encoding {name!r} is not available offline. Either install "
-        "llama-index-core (it ships cl100k_base and o200k_base), or put the encoding file "
-        f"in tiktoken's cache ({own_cache or 'TIKTOKEN_CACHE_DIR'}) by running "
-        f"`python -c \"import tiktoken; tiktoken.get_encoding('{name}')\"` once with network."
-    )
+    if key is None or not (_BUNDLED_CACHE / key).exists():
+        raise EncodingUnavailableError(
+            f"tiktoken encoding {name!r} is not shipped with usage-callbacks (it has "
+            f"{', '.join(_CACHE_KEYS)}); reinstall the package if those files are missing"
+        )
+    # tiktoken reads its cache location from the environment, at load time only
+    with _env_lock:
+        previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(_BUNDLED_CACHE)
+        try:
+            return tiktoken.get_encoding(name)
+        finally:
+            if previous is None:
+                del os.environ["TIKTOKEN_CACHE_DIR"]
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
 @lru_cache(maxsize=1024)

@@ -31,6 +31,8 @@ from usage_callbacks.budgets import (
     BudgetUnavailableError,
     BudgetWarning,
     CallScope,
+    UnpricedModelError,
+    describe_failure,
 )
 from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
 from usage_callbacks.runs import RunRegistry, RunState
@@ -52,6 +54,10 @@ from usage_callbacks.usage import MAX_TOKENS_PER_CALL, CallType, TokenUsage, bui
 logger = logging.getLogger("usage_callbacks")
 
 DEFAULT_OUTPUT_ALLOWANCE = 1024
+#: What a $ budget counts for a call whose model has no known price, per 1M tokens of any
+#: kind: above the output rate of nearly every catalogued model (gpt-4.5 $150, o1 $60,
+#: Claude Opus $75), so an unpriced model cannot overrun a $ limit by being unpriced.
+DEFAULT_UNPRICED_USD_PER_MTOK = Decimal(150)
 #: Call scopes whose charges are remembered (users x sessions x models seen lately).
 _MAX_REMEMBERED_SCOPES = 4096
 
@@ -117,6 +123,7 @@ class UsageTracker:
         spill_path: str | Path | None = None,
         budget_lease_fraction: float = LeasePolicy.fraction,
         dimensions: Iterable[str] = (),
+        unpriced_usd_per_mtok: Decimal | float | str | None = DEFAULT_UNPRICED_USD_PER_MTOK,
     ) -> None:
         if not 0 <= budget_lease_fraction < 1:
             raise ValueError("budget_lease_fraction must be in [0, 1); 0 books every call")
@@ -135,6 +142,7 @@ class UsageTracker:
         self.reservation_ttl = reservation_ttl
         self.default_output_allowance = default_output_allowance
         self.budget_failure_mode = budget_failure_mode
+        self.unpriced_usd_per_mtok = _unpriced_rate(unpriced_usd_per_mtok)
         self._allowances = BudgetAllowances(
             self.store.ledger,
             ttl=reservation_ttl,
@@ -270,7 +278,7 @@ class UsageTracker:
             prompt=prompt_tokens, completion=output, embedding=embedding_tokens, estimated=True
         )
         now = utcnow()
-        usd = self.pricer.price(estimate, model, provider, now).cost_usd
+        usd = self._budget_usd(estimate, model, provider, now, charges)
         reservation = Reservation(
             id=new_record_id(), charges=charges, usd=usd, tokens=estimate.total, estimate=estimate
         )
@@ -286,14 +294,43 @@ class UsageTracker:
             _announce(warning)
         return reservation
 
+    def _budget_usd(
+        self,
+        estimate: TokenUsage,
+        model: str | None,
+        provider: str | None,
+        now: datetime,
+        charges: Sequence[Charge],
+    ) -> Decimal:
+        """What a reservation holds against $ limits: the model's price, or for a model
+        without one the ``unpriced_usd_per_mtok`` bound (None: refuse, saying how to price)."""
+        priced = self.pricer.price(estimate, model, provider, now)
+        if priced.known or not any(c.budget.limit_usd is not None for c in charges):
+            return priced.cost_usd
+        if self.unpriced_usd_per_mtok is None:
+            usd_budget = next(c.budget for c in charges if c.budget.limit_usd is not None)
+            raise UnpricedModelError(model, usd_budget)
+        return self.unpriced_usd_per_mtok * estimate.total / _MTOK
+
     def _ledger_unavailable(
         self, error: Exception, charges: Sequence[Charge], reservation: Reservation
     ) -> Reservation | None:
         """The budget database is away: refuse (fail-closed) or allow with a warning."""
+        self.budget_check_failed(error, charges[0])
+        return None
+
+    def budget_check_failed(self, error: BaseException, charge: Charge | None = None) -> None:
+        """Something failed on the way to a call's reservation (counting its prompt, reaching
+        the ledger): refuse it with BudgetUnavailableError (``budget_failure_mode="closed"``)
+        or let it through with a warning (``"open"``). Never a silent pass."""
         if self.budget_failure_mode == "open":
-            logger.warning("budget database unavailable (%s); allowing the call (fail-open)", error)
-            return None
-        raise BudgetUnavailableError(charges[0].budget, charges[0].key, error) from error
+            logger.warning(
+                "budgets could not be checked (%s); allowing the call (fail-open)",
+                describe_failure(error),
+            )
+            return
+        budget, key = (charge.budget, charge.key) if charge else (None, None)
+        raise BudgetUnavailableError(budget, key, error) from error
 
     def release(self, reservation: Reservation | None) -> None:
         """Drop a reservation whose call never happened (never raises)."""
@@ -468,10 +505,13 @@ class UsageTracker:
             return
         if not charges:
             return
+        usd = record.cost_estimate_usd
+        if not record.cost_known and self.unpriced_usd_per_mtok is not None:
+            usd = self.unpriced_usd_per_mtok * record.total_tokens / _MTOK  # bounded, not free
         warnings = self._allowances.settle(
             reservation.id if reservation else None,
             charges,
-            usd_to_pico(record.cost_estimate_usd),
+            usd_to_pico(usd),
             record.total_tokens,
             record.ended_at,
         )
@@ -656,6 +696,21 @@ def _attribution(record: UsageRecord) -> Attribution:
         agent=record.agent,
         dimensions=tuple(sorted(record.dimensions.items())) if record.dimensions else (),
     )
+
+
+_MTOK = Decimal(1_000_000)
+
+
+def _unpriced_rate(value: Decimal | float | str | None) -> Decimal | None:
+    if value is None:
+        return None
+    rate = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
+    if not rate.is_finite() or rate <= 0:
+        raise ValueError(
+            "unpriced_usd_per_mtok must be a positive price per 1M tokens (or None to refuse "
+            f"unpriced models under $ budgets), not {value!r}"
+        )
+    return rate
 
 
 def _as_utc(moment: datetime, name: str) -> datetime:

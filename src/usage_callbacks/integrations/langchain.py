@@ -43,6 +43,7 @@ from usage_callbacks.attribution import (
     merge_dimensions,
 )
 from usage_callbacks.budgets import BudgetExceededError
+from usage_callbacks.held_calls import HeldCalls
 from usage_callbacks.readers import UsageSource, normalize_usage, usage_from_langchain
 from usage_callbacks.runs import RunState
 from usage_callbacks.sessions import SessionRoutes, register_session_hook, sessions_of
@@ -53,7 +54,13 @@ from usage_callbacks.tokens import (
     message_text,
 )
 from usage_callbacks.tracker import UsageTracker
-from usage_callbacks.usage import CallType, TokenUsage, build_usage, with_estimated_prompt
+from usage_callbacks.usage import (
+    MAX_TOKENS_PER_CALL,
+    CallType,
+    TokenUsage,
+    build_usage,
+    with_estimated_prompt,
+)
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -225,6 +232,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
             ),
         )
 
+    def _forget_route(self, run_id: str) -> None:
+        """A refused run ends at its start: nothing routed to forget here."""
+
     # ---------------------------------------------------------------- start
 
     def on_chat_model_start(
@@ -270,14 +280,24 @@ class UsageCallbackHandler(BaseCallbackHandler):
         key = str(run_id)
         for tracker in self._start_trackers(key):
             try:
-                self._start_one(
-                    tracker, call_type, inputs, serialized, key, parent_run_id, metadata, kwargs
-                )
+                try:
+                    self._start_one(
+                        tracker, call_type, inputs, serialized, key, parent_run_id, metadata, kwargs
+                    )
+                except BudgetExceededError:
+                    raise
+                except Exception as error:  # any failure on the way to the reservation
+                    if not tracker.has_budgets:
+                        logger.warning(
+                            "usage tracking failed at the start of run %s", key, exc_info=True
+                        )
+                        continue
+                    logger.warning("could not reserve run %s", key, exc_info=True)
+                    tracker.budget_check_failed(error)  # raises unless fail-open
             except BudgetExceededError:
-                tracker.runs.finish(key)
+                _holds.refuse(key, (tracker,))
+                self._forget_route(key)
                 raise
-            except Exception:
-                logger.warning("usage tracking failed at the start of run %s", key, exc_info=True)
 
     def _start_one(
         self,
@@ -328,6 +348,8 @@ class UsageCallbackHandler(BaseCallbackHandler):
                 sessions=state.sessions,
                 attribution=state.attribution,
             )
+            if state.reservation is not None:
+                _holds.add(run_id, tracker)
 
     # ---------------------------------------------------------------- stream
 
@@ -351,6 +373,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
         self._end(str(run_id), kwargs.get("response"), error)
 
     def _end(self, run_id: str, response: LLMResult | None, error: BaseException | None) -> None:
+        _holds.discard(run_id)
         for tracker in self._end_trackers(run_id):
             try:
                 state = tracker.runs.finish(run_id)
@@ -358,6 +381,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
                     _record(tracker, state, response, error)
             except Exception:  # end hooks never raise: later handlers must see the event
                 logger.warning("usage tracking failed at the end of run %s", run_id, exc_info=True)
+
+
+_holds = HeldCalls()
 
 
 class _SessionHandler(UsageCallbackHandler):
@@ -380,6 +406,9 @@ class _SessionHandler(UsageCallbackHandler):
 
     def _end(self, run_id: str, response: LLMResult | None, error: BaseException | None) -> None:
         super()._end(run_id, response, error)
+        self._routes.finish(run_id)
+
+    def _forget_route(self, run_id: str) -> None:
         self._routes.finish(run_id)
 
 
@@ -443,10 +472,12 @@ def _provider(params: dict[str, Any], metadata: dict[str, Any]) -> str | None:
 
 
 def _max_tokens(params: dict[str, Any]) -> int | None:
+    """The request's output limit; one beyond any real call is held at the per-call
+    maximum (still more than any budget), not refused as a bad count."""
     for key in _MAX_TOKEN_PARAMS:
         value = params.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return min(value, MAX_TOKENS_PER_CALL)
     return None
 
 
@@ -700,8 +731,10 @@ class TrackedEmbeddings(Embeddings):
             return state
         except BudgetExceededError:
             raise
-        except Exception:
+        except Exception as error:  # any failure on the way to the reservation
             logger.warning("usage tracking failed before an embedding call", exc_info=True)
+            if self.tracker.has_budgets:
+                self.tracker.budget_check_failed(error)  # raises unless fail-open
             return None
 
     def _finish(self, state: RunState | None, error: BaseException | None) -> None:

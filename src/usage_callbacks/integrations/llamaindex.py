@@ -60,6 +60,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from usage_callbacks.attribution import Dimensions, check_given_dimensions, merge_dimensions
 from usage_callbacks.budgets import BudgetExceededError
+from usage_callbacks.held_calls import HeldCalls
 from usage_callbacks.integrations.llamaindex_spans import span_tree
 from usage_callbacks.readers import UsageSource, normalize_usage
 from usage_callbacks.runs import RunState
@@ -158,6 +159,8 @@ _open_event_calls: _OpenCalls = ContextVar("usage_callbacks_li_ev_open", default
 # Latest streamed text per span, for streams that end in an exception.
 _streamed: OrderedDict[str, str] = OrderedDict()
 _streamed_lock = threading.Lock()
+#: Calls some tracker holds a reservation for, released together when one refuses.
+_held = HeldCalls()
 
 
 def _open_call(
@@ -368,6 +371,8 @@ def _start_run(
         sessions=state.sessions,
         attribution=state.attribution,
     )
+    if state.reservation is not None:
+        _held.add(call.key, tracker)
 
 
 def _finish_run(
@@ -379,6 +384,7 @@ def _finish_run(
     error: BaseException | None = None,
     streamed: str = "",
 ) -> None:
+    _held.discard(key)
     state = tracker.runs.finish(key)
     if state is None:
         return
@@ -470,13 +476,22 @@ class UsageCallbackHandler(BaseCallbackHandler):
                     dimensions=self.dimensions,
                 )
         except BudgetExceededError:
-            for tracker in trackers:
-                tracker.runs.finish(event_id)
-            self._close(event_id)
+            self._refuse(trackers, event_id)
             raise
-        except Exception:
+        except Exception as error:  # any failure on the way to the reservations
             logger.warning("usage tracking failed at an event start", exc_info=True)
+            if any(tracker.has_budgets for tracker in trackers):
+                try:
+                    next(t for t in trackers if t.has_budgets).budget_check_failed(error)
+                except BudgetExceededError:
+                    self._refuse(trackers, event_id)
+                    raise
         return event_id
+
+    def _refuse(self, trackers: tuple[UsageTracker, ...], event_id: str) -> None:
+        """The call will not be made: forget it and release what any tracker held for it."""
+        _held.refuse(event_id, trackers)
+        self._close(event_id)
 
     def _call(
         self, event_type: CBEventType, payload: dict[str, Any], event_id: str, parent_id: str

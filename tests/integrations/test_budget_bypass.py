@@ -1,0 +1,200 @@
+"""Budgets that cannot be bypassed through the LangChain handler (issue 15): every path
+shows the fake provider was not called when the budget refuses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from tests.integrations.lc_models import CountingChatModel
+from usage_callbacks import (
+    Budget,
+    BudgetExceededError,
+    BudgetUnavailableError,
+    UnpricedModelError,
+    UsageTracker,
+)
+from usage_callbacks.integrations import langchain as lc_adapter
+from usage_callbacks.langchain import UsageCallbackHandler
+
+QUESTION = [HumanMessage("What is six times seven?")]
+
+LANGCHAIN_ONLY = """
+import sys
+sys.modules["llama_index"] = None  # pip install "usage-callbacks[langchain]": no llama-index
+from langchain_core.messages import HumanMessage
+from tests.integrations.lc_models import CountingChatModel
+from usage_callbacks import Budget, BudgetExceededError, UsageTracker
+from usage_callbacks.langchain import UsageCallbackHandler
+tracker = UsageTracker("memory://", budgets=[Budget(limit_tokens=100, period="day")])
+model = CountingChatModel(max_tokens=20, callbacks=[UsageCallbackHandler(tracker)])
+refused = 0
+for _ in range(10):
+    try:
+        model.invoke([HumanMessage("What is six times seven?")])
+    except BudgetExceededError:
+        refused += 1
+print(model.calls, refused, tracker.summary().usage.total_tokens)
+"""
+
+
+def test_a_langchain_only_install_offline_enforces_the_budget(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", LANGCHAIN_ONLY], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    calls, refused, spent = map(int, result.stdout.split())
+    assert calls + refused == 10 and refused > 0
+    assert spent <= 100 and spent == 28 * calls  # every call that ran was recorded
+
+
+@pytest.fixture
+def broken_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("the tokenizer broke")
+
+    monkeypatch.setattr(lc_adapter, "count_message_tokens", fail)
+
+
+@pytest.mark.usefixtures("broken_estimate")
+def test_an_error_before_the_reservation_refuses_when_fail_closed() -> None:
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=10_000)]) as tracker:
+        model = CountingChatModel(callbacks=[UsageCallbackHandler(tracker)])
+        with pytest.raises(BudgetUnavailableError, match="tokenizer broke"):
+            model.invoke(QUESTION)
+        assert model.calls == 0
+        assert len(tracker.runs) == 0 and not len(lc_adapter._holds)
+
+
+@pytest.mark.usefixtures("broken_estimate")
+def test_an_error_before_the_reservation_warns_and_allows_when_fail_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracker = UsageTracker(
+        "memory://", budgets=[Budget(limit_tokens=10_000)], budget_failure_mode="open"
+    )
+    with tracker, caplog.at_level(logging.WARNING, "usage_callbacks"):
+        model = CountingChatModel(callbacks=[UsageCallbackHandler(tracker)])
+        model.invoke(QUESTION)
+        assert model.calls == 1
+        assert "fail-open" in caplog.text
+        assert tracker.summary().usage.total_tokens == 28  # still recorded
+
+
+def test_a_max_tokens_beyond_any_call_is_refused_not_waved_through() -> None:
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=10_000)]) as tracker:
+        model = CountingChatModel(max_tokens=10**13, callbacks=[UsageCallbackHandler(tracker)])
+        with pytest.raises(BudgetExceededError) as refused:
+            model.invoke(QUESTION)
+        assert not isinstance(refused.value, BudgetUnavailableError)
+        assert model.calls == 0
+
+
+def test_unpriced_models_are_bounded_under_a_usd_budget() -> None:
+    # 28 tokens a call at the default $150/MTok bound: $0.0042 a call
+    limit = Decimal("0.03")
+    with UsageTracker("memory://", budgets=[Budget(limit_usd=limit)]) as tracker:
+        model = CountingChatModel(
+            model="my-azure-deployment", max_tokens=7, callbacks=[UsageCallbackHandler(tracker)]
+        )
+        refused = 0
+        for _ in range(20):
+            try:
+                model.invoke(QUESTION)
+            except BudgetExceededError:
+                refused += 1
+        assert refused > 0 and model.calls + refused == 20
+        assert model.calls * 28 * Decimal(150) / 1_000_000 <= limit
+        records = tracker.records()
+        assert all(not record.cost_known for record in records)  # the record stays honest
+
+
+def test_unpriced_models_are_refused_with_advice_when_asked() -> None:
+    tracker = UsageTracker("memory://", budgets=[Budget(limit_usd=5)], unpriced_usd_per_mtok=None)
+    with tracker:
+        model = CountingChatModel(model="my-deployment", callbacks=[UsageCallbackHandler(tracker)])
+        with pytest.raises(UnpricedModelError, match="prices=") as refused:
+            model.invoke(QUESTION)
+        assert "my-deployment" in str(refused.value)
+        assert model.calls == 0
+        # a token budget alone needs no price: the same call goes through
+    with UsageTracker(
+        "memory://", budgets=[Budget(limit_tokens=1000)], unpriced_usd_per_mtok=None
+    ) as tokens_only:
+        model = CountingChatModel(
+            model="my-deployment", max_tokens=50, callbacks=[UsageCallbackHandler(tokens_only)]
+        )
+        model.invoke(QUESTION)
+        assert model.calls == 1
+
+
+def test_a_refusal_by_a_second_trackers_handler_releases_the_first_trackers_hold() -> None:
+    roomy = UsageTracker("memory://", budgets=[Budget(limit_tokens=2_000)])
+    tight = UsageTracker("memory://", budgets=[Budget(limit_tokens=10)])
+    with roomy, tight:
+        model = CountingChatModel(
+            max_tokens=400,
+            callbacks=[UsageCallbackHandler(roomy), UsageCallbackHandler(tight)],
+        )
+        for _ in range(6):  # each would hold ~420 of roomy's 2,000 if not released
+            with pytest.raises(BudgetExceededError):
+                model.invoke(QUESTION)
+        assert model.calls == 0
+        assert len(roomy.runs) == 0 and len(tight.runs) == 0 and not len(lc_adapter._holds)
+        [status] = roomy.budget_status()
+        assert status.reserved_tokens == 0 and status.spent_tokens == 0
+        alone = CountingChatModel(max_tokens=400, callbacks=[UsageCallbackHandler(roomy)])
+        alone.invoke(QUESTION)  # roomy's budget is intact
+        assert alone.calls == 1
+
+
+def test_llamaindex_two_trackers_a_refusal_releases_the_others_hold() -> None:
+    from llama_index.core.callbacks import CallbackManager
+
+    from tests.integrations.test_llamaindex import BilledLLM
+    from usage_callbacks.llamaindex import UsageCallbackHandler as LlamaHandler
+
+    roomy = UsageTracker("memory://", budgets=[Budget(limit_tokens=2_000)])
+    tight = UsageTracker("memory://", budgets=[Budget(limit_tokens=10)])
+    with roomy, tight:
+        llm = BilledLLM(
+            callback_manager=CallbackManager([LlamaHandler(roomy), LlamaHandler(tight)])
+        )
+        for _ in range(6):
+            with pytest.raises(BudgetExceededError):
+                llm.complete("What does the quarterly report say?")
+        assert llm.calls == 0 and len(roomy.runs) == 0
+        [status] = roomy.budget_status()
+        assert status.reserved_tokens == 0
+
+
+def test_llamaindex_an_error_before_the_reservation_refuses_when_fail_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llama_index.core.callbacks import CallbackManager
+
+    from tests.integrations.test_llamaindex import BilledLLM
+    from usage_callbacks.integrations import llamaindex as li_adapter
+    from usage_callbacks.llamaindex import UsageCallbackHandler as LlamaHandler
+
+    def fail(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("the tokenizer broke")
+
+    monkeypatch.setattr(li_adapter, "count_texts_tokens", fail)
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=10_000)]) as tracker:
+        llm = BilledLLM(callback_manager=CallbackManager([LlamaHandler(tracker)]))
+        with pytest.raises(BudgetUnavailableError):
+            llm.complete("What does the quarterly report say?")
+        assert llm.calls == 0 and len(tracker.runs) == 0
