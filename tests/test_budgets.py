@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -323,3 +324,36 @@ def test_a_copied_budget_gets_its_own_label() -> None:
     budget = Budget(limit_usd=1, per="user", period="day")
     assert budget.label != budget.model_copy(update={"limit_usd": Decimal(2)}).label
     assert budget.model_copy(update={"name": "team"}).label == "team"
+
+
+def test_two_open_sessions_of_one_name_share_their_budget_until_both_close() -> None:
+    """Two requests of one conversation: the first to close must not lift the other's limit."""
+    provider = Provider()
+    tracker = _tracker("memory://")
+    opened, first_closed, refused = threading.Event(), threading.Event(), []
+
+    def first_request() -> None:
+        with tracker.session("conv-42", max_tokens=300):
+            opened.set()
+            provider(tracker)  # 100 of 300
+        first_closed.set()
+
+    def second_request() -> None:
+        opened.wait(10)
+        with tracker.session("conv-42", max_tokens=300):
+            first_closed.wait(10)
+            for _ in range(10):  # room for 2 more calls of 100, not 10
+                try:
+                    provider(tracker)
+                except BudgetExceededError:
+                    refused.append(1)
+        assert not tracker.has_budgets  # the last one out takes the budget with it
+
+    threads = [threading.Thread(target=first_request), threading.Thread(target=second_request)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert provider.calls == 3 and len(refused) == 8
+    assert not tracker.has_budgets
+    tracker.close()

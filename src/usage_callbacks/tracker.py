@@ -150,7 +150,10 @@ class UsageTracker:
             book_interval=flush_interval,
         )
         self._budgets: list[Budget] = []
+        #: the budgets of open sessions by label, with the sessions sharing each (two
+        #: requests of one conversation open the same session name at once)
         self._session_budgets: dict[str, Budget] = {}
+        self._session_budget_owners: dict[str, set[UsageSession]] = {}
         self._budget_lock = threading.Lock()
         #: the charges of each call scope seen, until the budgets change
         self._charges_by_scope: dict[CallScope, tuple[Charge, ...]] = {}
@@ -576,22 +579,38 @@ class UsageTracker:
                 limit_tokens=max_tokens,
                 per="session",
                 session_only=session.session_id,
-                name=f"session:{session.session_id}",
             )
             with self._budget_lock:
-                self._session_budgets[session.session_id] = budget
+                # sessions of one name and limits share one budget until the last closes
+                budget = self._session_budgets.setdefault(budget.label, budget)
+                self._session_budget_owners.setdefault(budget.label, set()).add(session)
                 self._charges_by_scope = {}
         return session
 
     def forget_session(self, session: UsageSession) -> None:
-        """Called when a session closes: its own budget stops applying."""
+        """Called when a session closes: its budget stops applying once no other open
+        session shares it."""
         if any(open_session is session for open_session in active_sessions()):
             return  # still open in this context (re-entered)
         with self._budget_lock:
-            budget = self._session_budgets.pop(session.session_id, None)
+            label = next(
+                (
+                    label
+                    for label, owners in self._session_budget_owners.items()
+                    if session in owners
+                ),
+                None,
+            )
+            if label is None:
+                return
+            owners = self._session_budget_owners[label]
+            owners.discard(session)
+            if owners:
+                return
+            del self._session_budget_owners[label]
+            budget = self._session_budgets.pop(label)
             self._charges_by_scope = {}
-        if budget is not None:
-            self._allowances.forget(budget, utcnow())
+        self._allowances.forget(budget, utcnow())
 
     # ------------------------------------------------------------------ reading
 
