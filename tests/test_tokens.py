@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,35 @@ def test_the_callers_tiktoken_cache_setting_is_left_as_it_was(tmp_path: Path) ->
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == own
+
+
+def test_tool_calls_and_their_arguments_are_part_of_the_prompt() -> None:
+    from langchain_core.messages import ToolMessage
+
+    query = "weather in Reykjavik next week, hourly, with wind and air quality " * 5
+    plain = count_message_tokens([AIMessage("")], "gpt-4o")
+    with_call = count_message_tokens(
+        [AIMessage("", tool_calls=[{"name": "search", "args": {"query": query}, "id": "1"}])],
+        "gpt-4o",
+    )
+    as_openai = count_message_tokens(
+        [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "1",
+                        "type": "function",
+                        "function": {"name": "search", "arguments": json.dumps({"query": query})},
+                    }
+                ],
+            }
+        ],
+        "gpt-4o",
+    )
+    query_tokens = count_text_tokens(query, "gpt-4o")
+    assert with_call - plain >= query_tokens
+    assert abs(as_openai - with_call) <= 3
+    result = count_message_tokens([ToolMessage(query, tool_call_id="1")], "gpt-4o")
+    assert result >= query_tokens

@@ -7,6 +7,7 @@ encodings it counts with (cl100k_base, o200k_base) ship inside the package
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -107,10 +108,12 @@ def message_text(content: Any) -> str:
 
 
 def _message_fields(message: Any) -> tuple[str, str, str | None]:
+    """Role, text (with the tool calls it makes, as they are sent) and name of a message."""
     if isinstance(message, str):
         return "user", message, None
     if isinstance(message, Mapping):
         role, content, name = message.get("role"), message.get("content"), message.get("name")
+        calls = message.get("tool_calls")
     else:
         # pydantic messages keep their fields in __dict__: asking getattr for a field a
         # model lacks goes through pydantic's __getattr__ and an exception (~3 µs)
@@ -122,7 +125,49 @@ def _message_fields(message: Any) -> tuple[str, str, str | None]:
         if content is None:
             content = getattr(message, "blocks", None)
         name = fields["name"] if "name" in fields else getattr(message, "name", None)
-    return str(getattr(role, "value", role) or ""), message_text(content), name or None
+        calls = fields.get("tool_calls") or (fields.get("additional_kwargs") or {}).get(
+            "tool_calls"
+        )
+        if not calls and isinstance(content, Sequence) and not isinstance(content, str):
+            calls = [part for part in content if _field(part, "tool_name")]  # tool-call blocks
+    text = message_text(content)
+    if calls:
+        text += "".join(_tool_call_text(call) for call in calls)
+    return str(getattr(role, "value", role) or ""), text, name or None
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def _tool_call_text(call: Any) -> str:
+    """A tool call as the request carries it: the function's name and JSON arguments
+    (OpenAI ``function.arguments``, LangChain ``args``, LlamaIndex ``tool_kwargs``)."""
+    function = _field(call, "function") or call
+    name = _field(function, "name") or _field(call, "tool_name") or ""
+    arguments = _field(function, "arguments")
+    if arguments is None:
+        arguments = _field(call, "args") or _field(call, "tool_kwargs") or {}
+    return f"{name}{arguments if isinstance(arguments, str) else schema_text(arguments)}"
+
+
+def schema_text(schema: Any) -> str:
+    """A tool, function or response-format schema as compact JSON, the way requests send
+    it; a pydantic model class as its JSON schema."""
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        schema = schema.model_json_schema()
+    return json.dumps(schema, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def count_schema_tokens(schemas: Iterable[Any], model: str | None = None) -> int:
+    """Tokens of the tool definitions and output schemas a request sends beside its
+    messages (an estimate: providers render them in their own framing)."""
+    encoding = encoding_for_model(model)
+    return sum(
+        _TOKENS_PER_MESSAGE + len(encoding.encode(schema_text(schema), disallowed_special=()))
+        for schema in schemas
+        if schema
+    )
 
 
 @lru_cache(maxsize=64)

@@ -198,3 +198,67 @@ def test_llamaindex_an_error_before_the_reservation_refuses_when_fail_closed(
         with pytest.raises(BudgetUnavailableError):
             llm.complete("What does the quarterly report say?")
         assert llm.calls == 0 and len(tracker.runs) == 0
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather, hourly forecast and air quality for a city. " * 8,
+        "parameters": {
+            "type": "object",
+            "properties": {
+                name: {"type": "string", "description": f"The {name} to report on, in full."}
+                for name in ("city", "country", "region", "units", "language", "detail")
+            },
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_tool_schemas_are_reserved_before_the_call() -> None:
+    """The request sends the tool definitions: they are part of what a call can cost."""
+    from langchain_openai import ChatOpenAI
+
+    from tests.e2e.provider_server import ProviderServer
+    from usage_callbacks.tokens import count_schema_tokens
+
+    assert count_schema_tokens([WEATHER_TOOL], "gpt-4o-mini") > 200
+    server = ProviderServer().start()
+    try:
+        with UsageTracker("memory://", budgets=[Budget(limit_tokens=200)]) as tracker:
+            model = ChatOpenAI(
+                model="gpt-4o-mini",
+                base_url=f"{server.base_url}/v1",
+                api_key="test",
+                max_tokens=10,
+                callbacks=[UsageCallbackHandler(tracker)],
+            )
+            model.invoke(QUESTION)  # without tools, ~25 tokens + 10 fit
+            assert server.requests == 1
+            with pytest.raises(BudgetExceededError):
+                model.bind_tools([WEATHER_TOOL]).invoke(QUESTION)
+            assert server.requests == 1  # refused before the provider
+    finally:
+        server.stop()
+
+
+def test_structured_output_schemas_are_reserved_before_the_call() -> None:
+    from pydantic import BaseModel, Field
+
+    class Forecast(BaseModel):
+        """A weather forecast for one city, with every detail a traveller could need."""
+
+        city: str = Field(description="The city the forecast is for, spelled in full.")
+        summary: str = Field(description="One sentence on the day's weather, morning to night.")
+        hourly: list[str] = Field(description="Twenty-four hourly conditions, in order.")
+        warnings: list[str] = Field(description="Any official weather warnings in force.")
+
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=120)]) as tracker:
+        model = CountingChatModel(max_tokens=10, callbacks=[UsageCallbackHandler(tracker)])
+        model.invoke(QUESTION)
+        config = {"metadata": {"ls_structured_output_format": {"schema": Forecast}}}
+        with pytest.raises(BudgetExceededError):
+            model.invoke(QUESTION, config=config)  # type: ignore[arg-type]
+        assert model.calls == 1

@@ -50,6 +50,7 @@ from usage_callbacks.sessions import SessionRoutes, register_session_hook, sessi
 from usage_callbacks.store.models import utcnow
 from usage_callbacks.tokens import (
     count_message_tokens,
+    count_schema_tokens,
     count_texts_tokens,
     message_text,
 )
@@ -326,6 +327,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
             attribution=self._attribution(tracker, parent_run_id, meta),
             sessions=sessions_of(tracker),
             inputs=inputs,
+            extra={"schemas": _request_schemas(params, meta)},
         )
         state, is_new = tracker.runs.start(state)
         if not is_new:  # a session's handler got here first: explicit settings win
@@ -481,12 +483,27 @@ def _max_tokens(params: dict[str, Any]) -> int | None:
     return None
 
 
+def _request_schemas(params: dict[str, Any], metadata: dict[str, Any]) -> list[Any]:
+    """What a request sends beside its messages: tool and function definitions
+    (``bind_tools``) and the structured-output schema (``with_structured_output``)."""
+    schemas = [*(params.get("tools") or ()), *(params.get("functions") or ())]
+    response_format = params.get("response_format")
+    if response_format is None and not schemas:  # structured output by its metadata alone
+        structured = metadata.get("ls_structured_output_format")
+        response_format = structured.get("schema") if isinstance(structured, dict) else None
+    if response_format is not None:
+        schemas.append(response_format)
+    return schemas
+
+
 def _estimate_prompt(state: RunState) -> TokenUsage:
+    """The prompt as sent: messages (with their tool calls) and the request's schemas."""
     inputs = state.inputs or []
     if state.call_type == "chat":
         tokens = count_message_tokens(inputs, state.model)
     else:
         tokens = count_texts_tokens([str(prompt) for prompt in inputs], state.model)
+    tokens += count_schema_tokens(state.extra.get("schemas") or (), state.model)
     return build_usage(prompt=tokens, estimated=True)
 
 
