@@ -67,6 +67,8 @@ class ProviderServer:
     tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     billed: list[Bill] = field(default_factory=list)
     requests: int = 0
+    #: HTTP statuses to answer the next requests with, in order (a refusal bills nothing)
+    failures: list[int] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
 
@@ -87,6 +89,10 @@ class ProviderServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
                 with server._lock:
                     server.requests += 1
+                    failure = server.failures.pop(0) if server.failures else None
+                if failure is not None:
+                    _refuse(self, failure)
+                    return
                 route = self.path.split("?")[0].rstrip("/")
                 if route.endswith("/chat/completions"):
                     server._openai_chat(self, body)
@@ -113,6 +119,7 @@ class ProviderServer:
             self.billed.clear()
             self.tool_calls.clear()
             self.requests = 0
+            self.failures.clear()
 
     # ------------------------------------------------------------------ billing
 
@@ -449,6 +456,19 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(_text(part.get("text")) for part in content if isinstance(part, dict))
     return ""
+
+
+def _refuse(handler: BaseHTTPRequestHandler, status: int) -> None:
+    """An error the way OpenAI and Anthropic send one (no retry-after wait)."""
+    body = json.dumps(
+        {"error": {"type": "server_error", "message": f"status {status}", "code": None}}
+    ).encode()
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("retry-after-ms", "1")
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 def _json(handler: BaseHTTPRequestHandler, payload: dict[str, Any]) -> None:

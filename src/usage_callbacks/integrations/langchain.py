@@ -620,15 +620,18 @@ def _provider_usage(
     return None
 
 
-def _estimate(state: RunState, generations: list[Any]) -> TokenUsage:
-    """tiktoken over the prompt and whatever text came back or was streamed."""
-    prompt = state.prompt_estimate or _estimate_prompt(state)
+def _returned_texts(state: RunState, generations: list[Any]) -> list[str]:
+    """The text that came back: the generations', else what was streamed."""
     texts = [
         message_text(getattr(getattr(g, "message", None), "content", None)) or g.text
         for g in generations
     ]
-    if not any(texts):
-        texts = ["".join(state.streamed)]
+    return texts if any(texts) else ["".join(state.streamed)]
+
+
+def _estimate(state: RunState, texts: list[str]) -> TokenUsage:
+    """tiktoken over the prompt and whatever text came back or was streamed."""
+    prompt = state.prompt_estimate or _estimate_prompt(state)
     completion = count_texts_tokens(texts, state.model)
     return build_usage(prompt=prompt.prompt_tokens, completion=completion, estimated=True)
 
@@ -643,8 +646,12 @@ def _record(
     metadatas = [usage for usage in map(_usage_metadata, generations) if usage]
     cache_hit = error is None and _is_cache_hit(metadatas)
     usage = _reported_usage(response, generations, metadatas, state)
-    if usage is None and not cache_hit and (error is None or state.streamed or generations):
-        usage = _estimate(state, generations)
+    if usage is None and not cache_hit:
+        texts = _returned_texts(state, generations)
+        # a refused request (an error before any text: HTTP 4xx/5xx, retries, fallbacks)
+        # bills nothing; langchain-openai attaches an empty generation to such errors
+        if error is None or any(texts):
+            usage = _estimate(state, texts)  # a broken stream keeps what was streamed
     model = _response_model(response, generations) or state.model or UNKNOWN_MODEL
     tracker.record_run(state, usage or TokenUsage(), model=model, error=error, cache_hit=cache_hit)
 
