@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import pickle
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -224,7 +226,9 @@ def test_on_exceed_warn_lets_the_call_through(caplog: pytest.LogCaptureFixture) 
     assert any("on_exceed='warn'" in message for message in caplog.messages)
 
 
-def test_reservations_hold_until_settled_released_or_expired(memory_tracker: UsageTracker) -> None:
+def test_reservations_hold_until_settled_released_or_abandoned(
+    memory_tracker: UsageTracker,
+) -> None:
     with freeze_time("2026-11-23 08:00:00") as clock:
         tracker = _tracker(
             "memory://", Budget(limit_tokens=1000), reservation_ttl=timedelta(minutes=5)
@@ -234,9 +238,13 @@ def test_reservations_hold_until_settled_released_or_expired(memory_tracker: Usa
         with pytest.raises(BudgetExceededError):
             tracker.reserve(model="m", prompt_tokens=100, max_output_tokens=200)
         tracker.release(held)
-        crashed = tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400)
-        assert crashed is not None  # its process dies: never settled, never released
-        clock.tick(timedelta(minutes=6))
+        long_call = tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400)
+        assert long_call is not None
+        clock.tick(timedelta(minutes=6))  # a live call keeps its hold past the TTL
+        with pytest.raises(BudgetExceededError):
+            tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400)
+        del long_call  # abandoned: never settled, never released, its state collected
+        gc.collect()
         assert tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400) is not None
         tracker.close()
 
@@ -357,3 +365,36 @@ def test_two_open_sessions_of_one_name_share_their_budget_until_both_close() -> 
     assert provider.calls == 3 and len(refused) == 8
     assert not tracker.has_budgets
     tracker.close()
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_a_call_longer_than_the_ttl_keeps_its_hold(sqlite_url: str, where: str) -> None:
+    """A live call's hold is renewed while it runs; only a dead process's lapses. Another
+    tracker on the same database stands for another process (its own lease)."""
+    ttl = timedelta(seconds=1.2)
+    owner = _tracker(sqlite_url, Budget(limit_tokens=1000), reservation_ttl=ttl)
+    other = owner if where == "thread" else _tracker(sqlite_url, reservation_ttl=ttl)
+    if other is not owner:
+        other.add_budget(Budget(limit_tokens=1000))
+    holding, done = threading.Event(), threading.Event()
+
+    def long_call() -> None:
+        held = owner.reserve(model="m", prompt_tokens=450, max_output_tokens=450)
+        holding.set()
+        done.wait(30)  # the provider takes longer than the TTL
+        owner.record(
+            TokenUsage(prompt_tokens=450, completion_tokens=450), model="m", reservation=held
+        )
+
+    caller = threading.Thread(target=long_call)
+    caller.start()
+    assert holding.wait(10)
+    time.sleep(3 * ttl.total_seconds())
+    try:
+        with pytest.raises(BudgetExceededError):
+            other.reserve(model="m", prompt_tokens=450, max_output_tokens=450)
+    finally:
+        done.set()
+        caller.join(30)
+    owner.close()
+    other.close()

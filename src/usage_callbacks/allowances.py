@@ -19,7 +19,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -32,7 +33,7 @@ from usage_callbacks.store.ledger import (
     Renewal,
     bucket_bounds,
 )
-from usage_callbacks.store.models import usd_to_pico
+from usage_callbacks.store.models import usd_to_pico, utcnow
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -44,8 +45,9 @@ class _Lease:
     charge: Charge
     hold_pico: int = 0
     hold_tokens: int = 0
-    #: reservation id -> (pico, tokens, expiry) of the calls in flight
-    inflight: dict[str, tuple[int, int, datetime]] = field(default_factory=dict)
+    #: reservation id -> (pico, tokens) of the calls in flight; a live call keeps its
+    #: hold however long it runs (settled, released, or dropped when abandoned)
+    inflight: dict[str, tuple[int, int]] = field(default_factory=dict)
     inflight_pico: int = 0
     inflight_tokens: int = 0
     #: bucket start -> [pico, tokens] spent and not yet booked
@@ -93,13 +95,13 @@ class _Lease:
             budget, self.spent_pico + self.unbooked_pico, self.spent_tokens + self.unbooked_tokens
         )
 
-    def hold(self, key: str, pico: int, tokens: int, expires: datetime) -> None:
-        self.inflight[key] = (pico, tokens, expires)
+    def hold(self, key: str, pico: int, tokens: int) -> None:
+        self.inflight[key] = (pico, tokens)
         self.inflight_pico += pico
         self.inflight_tokens += tokens
 
     def drop(self, key: str) -> None:
-        pico, tokens, _ = self.inflight.pop(key, (0, 0, None))
+        pico, tokens = self.inflight.pop(key, (0, 0))
         self.inflight_pico -= pico
         self.inflight_tokens -= tokens
 
@@ -114,11 +116,6 @@ class _Lease:
         self.unbooked_tokens += tokens
         self.largest_pico = max(self.largest_pico, pico)
         self.largest_tokens = max(self.largest_tokens, tokens)
-
-    def expire(self, now: datetime) -> None:
-        """Forget calls in flight past their expiry (their process, or thread, is gone)."""
-        for key in [key for key, (_, _, expires) in self.inflight.items() if expires <= now]:
-            self.drop(key)
 
     def change(self, need: tuple[int, int], *, slices: bool, keep_spare: bool) -> LeaseChange:
         """This lease's part of a renewal: book everything, keep calls in flight; with
@@ -156,8 +153,10 @@ class BudgetAllowances:
         ttl: timedelta,
         policy: LeasePolicy,
         book_interval: float,
+        announce: Callable[[BudgetWarning], None],
     ) -> None:
         self._ledger = ledger
+        self._announce = announce  # warnings found by the heartbeat, which returns none
         self._ttl = ttl
         self._policy = policy
         self._book_interval = book_interval
@@ -170,6 +169,50 @@ class BudgetAllowances:
         self._lease_id = uuid.uuid4().hex
         self._leases: dict[tuple[str, str], _Lease] = {}
         self._booked_at = time.monotonic()
+        self._abandoned: deque[tuple[str, Sequence[Charge]]] = deque()
+        self._heartbeat: threading.Thread | None = None  # a forked child starts its own
+        self._stopped = threading.Event()
+
+    def _keep_alive(self) -> None:
+        """Start the heartbeat that renews this process's holds in the ledger while calls
+        are in flight: a hold lapses after ``ttl`` only when its process is gone, never
+        because one call ran long."""
+        if self._heartbeat is not None or self._stopped.is_set():
+            return
+        with self._lock:
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(
+                    target=self._beat, name="usage-callbacks-holds", daemon=True
+                )
+                self._heartbeat.start()
+
+    def _beat(self) -> None:
+        interval = self._ttl.total_seconds() / 3
+        while not self._stopped.wait(interval):
+            now = utcnow()
+            with self._lock:
+                self._drop_abandoned()
+                due = [
+                    lease
+                    for lease in self._leases.values()
+                    if lease.inflight and (lease.renew_by is None or now >= lease.renew_by)
+                ]
+                if not due:
+                    continue
+                try:
+                    renewal = self._renew(due, now, slices=False, keep_spare=True)
+                except Exception:  # the ledger is away: log, and try again next beat
+                    logger.warning("renewing budget holds failed; will retry", exc_info=True)
+                    continue
+            for warning in renewal.warnings:
+                self._announce(warning)
+
+    def stop(self) -> None:
+        """No more heartbeats (the tracker is closing)."""
+        self._stopped.set()
+        heartbeat = self._heartbeat
+        if heartbeat is not None and heartbeat is not threading.current_thread():
+            heartbeat.join(timeout=5)
 
     def reserve(
         self, reservation_id: str, charges: Sequence[Charge], pico: int, tokens: int, now: datetime
@@ -180,16 +223,17 @@ class BudgetAllowances:
         Raises BudgetExceededError when refused and the ledger's errors when it is away.
         """
         with self._lock:
+            self._drop_abandoned()
             leases = self._leases_of(charges)
             renewal = None
             if not all(lease.fits(pico, tokens, now) for lease in leases):
                 renewal = self._renew(leases, now, (pico, tokens), slices=True, keep_spare=False)
                 if renewal.refused is not None:
                     raise renewal.refused
-            expires = now + self._ttl
             for lease in leases:
-                lease.hold(reservation_id, pico, tokens, expires)
-            return renewal
+                lease.hold(reservation_id, pico, tokens)
+        self._keep_alive()
+        return renewal
 
     def settle(
         self,
@@ -220,6 +264,19 @@ class BudgetAllowances:
         with self._lock:
             for lease in self._leases_of(charges):
                 lease.drop(reservation_id)
+
+    def abandon(self, reservation_id: str, charges: Sequence[Charge]) -> None:
+        """A reservation was dropped unsettled (its call's state was garbage-collected):
+        release it at the next operation. Lock-free: this runs inside the collector."""
+        self._abandoned.append((reservation_id, charges))
+
+    def _drop_abandoned(self) -> None:
+        while self._abandoned:
+            reservation_id, charges = self._abandoned.popleft()
+            for charge in charges:
+                lease = self._leases.get((charge.label, charge.key))
+                if lease is not None:
+                    lease.drop(reservation_id)
 
     def sync(self, now: datetime, *, keep_slices: bool = True) -> list[BudgetWarning]:
         """Book everything spent so far; ``keep_slices=False`` also returns unused holds."""
@@ -276,8 +333,6 @@ class BudgetAllowances:
         keep_spare: bool,
     ) -> Renewal:
         """One ledger transaction; local state follows only what was committed."""
-        for lease in leases:
-            lease.expire(now)
         changes = [lease.change(need, slices=slices, keep_spare=keep_spare) for lease in leases]
         renewal = self._ledger.renew(self._lease_id, changes, now, self._ttl, self._policy)
         self._booked_at = time.monotonic()

@@ -148,6 +148,7 @@ class UsageTracker:
             ttl=reservation_ttl,
             policy=LeasePolicy(fraction=budget_lease_fraction),
             book_interval=flush_interval,
+            announce=_announce,
         )
         self._budgets: list[Budget] = []
         #: the budgets of open sessions by label, with the sessions sharing each (two
@@ -293,6 +294,12 @@ class UsageTracker:
             raise
         except Exception as error:
             return self._ledger_unavailable(error, charges, reservation)
+        # a reservation dropped without being settled or released (its call's state was
+        # collected: an abandoned call) gives its hold back
+        finalizer = weakref.finalize(
+            reservation, self._allowances.abandon, reservation.id, reservation.charges
+        )
+        finalizer.atexit = False
         for warning in renewal.warnings if renewal else ():
             _announce(warning)
         return reservation
@@ -660,6 +667,7 @@ class UsageTracker:
     def close(self) -> None:
         if self._closed:
             return
+        self._allowances.stop()
         self._allowances.sync(utcnow(), keep_slices=False)
         self._writer.close()
         self._closed = True
