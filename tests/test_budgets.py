@@ -16,11 +16,13 @@ from freezegun import freeze_time
 from usage_callbacks import (
     Budget,
     BudgetExceededError,
+    BudgetUnavailableError,
     BudgetWarning,
     ModelPrice,
     TokenUsage,
     UsageTracker,
 )
+from usage_callbacks.usage import MAX_COST_PER_CALL_USD, MAX_TOKENS_PER_CALL
 
 # $1 per 1M tokens in and out: a token costs a micro-dollar, easy to reason about.
 PRICES = {"m": ModelPrice(input_per_mtok=Decimal(1), output_per_mtok=Decimal(1))}
@@ -398,3 +400,39 @@ def test_a_call_longer_than_the_ttl_keeps_its_hold(sqlite_url: str, where: str) 
         caller.join(30)
     owner.close()
     other.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_absurd_usage_reports_do_not_stall_the_ledger(
+    backend: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The largest usage that can enter, priced at the most a call can cost, booked again
+    and again: every other user's reservations still work and the summary still sums."""
+    url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+    pricey = {"m": ModelPrice(input_per_mtok=Decimal(1000), output_per_mtok=Decimal(1000))}
+    budgets = [Budget(limit_usd=100, per="user"), Budget(limit_tokens=10**12, per="user")]
+    with UsageTracker(url, budgets=budgets, prices=pricey, budget_lease_fraction=0) as tracker:
+        absurd = TokenUsage(
+            prompt_tokens=MAX_TOKENS_PER_CALL, completion_tokens=MAX_TOKENS_PER_CALL
+        )
+        for _ in range(12):
+            record = tracker.record(absurd, model="m", user_id="mallory")
+            assert record.cost_estimate_usd == MAX_COST_PER_CALL_USD
+        tracker.flush()
+        with pytest.raises(BudgetExceededError) as refused:
+            tracker.reserve(model="m", prompt_tokens=1, max_output_tokens=1, user_id="mallory")
+        assert not isinstance(refused.value, BudgetUnavailableError)
+        for _ in range(3):  # everyone else carries on
+            held = tracker.reserve(model="m", prompt_tokens=1, max_output_tokens=1, user_id="bob")
+            assert held is not None
+            tracker.release(held)
+        summary = tracker.summary(group_by="user")
+        assert summary.calls == 12
+        assert summary.usage.total_tokens == 12 * 2 * MAX_TOKENS_PER_CALL
+
+
+def test_usage_beyond_the_per_call_maximum_cannot_enter() -> None:
+    with pytest.raises(ValueError, match="less than or equal to"):
+        TokenUsage(prompt_tokens=MAX_TOKENS_PER_CALL + 1)
+    with pytest.raises(ValueError, match="less than or equal to"):
+        TokenUsage(cost_estimate_usd=MAX_COST_PER_CALL_USD + 1)

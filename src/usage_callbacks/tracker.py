@@ -49,7 +49,13 @@ from usage_callbacks.store.models import (
 )
 from usage_callbacks.store.spill import SpillFile, ingest_file
 from usage_callbacks.store.writer import BatchWriter
-from usage_callbacks.usage import MAX_TOKENS_PER_CALL, CallType, TokenUsage, build_usage
+from usage_callbacks.usage import (
+    MAX_COST_PER_CALL_USD,
+    MAX_TOKENS_PER_CALL,
+    CallType,
+    TokenUsage,
+    build_usage,
+)
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -447,7 +453,7 @@ class UsageTracker:
             values.update(_NOTHING_BILLED)
         elif total > 0 and usage.cost_estimate_usd == 0:
             priced = self.pricer.price(usage, model, provider, ended_at)
-            values["cost_estimate_usd"] = priced.cost_usd
+            values["cost_estimate_usd"] = _bounded_cost(priced.cost_usd, model)
             values["cost_known"] = priced.known
         fit_text_columns(values)
         record = UsageRecord.from_values(values)
@@ -726,6 +732,21 @@ def _attribution(record: UsageRecord) -> Attribution:
 
 
 _MTOK = Decimal(1_000_000)
+
+
+def _bounded_cost(cost: Decimal, model: str | None) -> Decimal:
+    """A call's cost, at most MAX_COST_PER_CALL_USD: one absurd usage report must not
+    overflow the ledger's and the summaries' sums for everyone else."""
+    if cost <= MAX_COST_PER_CALL_USD:
+        return cost
+    logger.warning(
+        "a %s call priced at $%s, beyond the $%s a call can cost; recording $%s",
+        model,
+        cost,
+        MAX_COST_PER_CALL_USD,
+        MAX_COST_PER_CALL_USD,
+    )
+    return MAX_COST_PER_CALL_USD
 
 
 def _unpriced_rate(value: Decimal | float | str | None) -> Decimal | None:

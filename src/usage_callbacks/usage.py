@@ -18,8 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 logger = logging.getLogger("usage_callbacks")
 
-#: Larger than any real single call (10^12 tokens); anything above is a bug upstream.
-MAX_TOKENS_PER_CALL = 10**12
+#: Far beyond any real call (the largest context windows hold ~10^7 tokens); anything
+#: above is a bug upstream. Small enough that every column and every sum fits a BIGINT:
+#: 3 x 10^9 calls at the maximum still sum below 2^63.
+MAX_TOKENS_PER_CALL = 10**9
+#: The most one call can cost (10^17 pico-USD; real calls cost under $10^4), so that one
+#: absurd report cannot overflow the ledger's and the summaries' BIGINT sums.
+MAX_COST_PER_CALL_USD = Decimal(10**5)
 
 TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_CALL, strict=True)]
 CallType = Literal["chat", "completion", "embedding"]
@@ -66,7 +71,9 @@ class TokenUsage(BaseModel):
     #: Server-side web searches, billed per request beside the tokens.
     web_search_requests: TokenCount = 0
     total_tokens: TokenCount | None = None
-    cost_estimate_usd: Annotated[Decimal, Field(ge=0, le=10**9, allow_inf_nan=False)] = Decimal(0)
+    cost_estimate_usd: Annotated[
+        Decimal, Field(ge=0, le=MAX_COST_PER_CALL_USD, allow_inf_nan=False)
+    ] = Decimal(0)
     estimated: bool = False
     #: The provider's service tier when it prices differently ("flex", "priority").
     service_tier: str | None = Field(default=None, max_length=32)

@@ -99,6 +99,10 @@ _counters = BudgetCounter.__table__  # type: ignore[attr-defined]
 _holds = BudgetHold.__table__  # type: ignore[attr-defined]
 
 
+#: Where a counter stops growing: below 2^63 with room for one more booking.
+_SATURATED = 2**62
+
+
 def _sum(column: Any) -> Any:
     return sa.func.coalesce(sa.func.sum(column), 0)
 
@@ -205,11 +209,17 @@ class BudgetLedger:
         self._insert = insert
         self._hold = insert(_holds).on_conflict_do_nothing()
         booking = insert(_counters)
+        # saturating: a bucket past any limit needs no more precision, and an overflow
+        # would fail every later booking of everyone sharing the budget
+        least = sa.func.least if self.dialect == "postgresql" else sa.func.min
         self._add_spend = booking.on_conflict_do_update(
             index_elements=["budget", "scope_key", "bucket_start"],
             set_={
-                "spent_pico": _counters.c.spent_pico + booking.excluded.spent_pico,
-                "spent_tokens": _counters.c.spent_tokens + booking.excluded.spent_tokens,
+                column: least(
+                    getattr(_counters.c, column), _SATURATED - getattr(booking.excluded, column)
+                )
+                + getattr(booking.excluded, column)
+                for column in ("spent_pico", "spent_tokens")
             },
         )
 
@@ -310,8 +320,8 @@ class BudgetLedger:
                     "budget": charge.label,
                     "scope_key": charge.key,
                     "bucket_start": bucket,
-                    "spent_pico": pico,
-                    "spent_tokens": tokens,
+                    "spent_pico": min(pico, _SATURATED),
+                    "spent_tokens": min(tokens, _SATURATED),
                     "warned": False,
                 },
             )
