@@ -436,3 +436,53 @@ def test_usage_beyond_the_per_call_maximum_cannot_enter() -> None:
         TokenUsage(prompt_tokens=MAX_TOKENS_PER_CALL + 1)
     with pytest.raises(ValueError, match="less than or equal to"):
         TokenUsage(cost_estimate_usd=MAX_COST_PER_CALL_USD + 1)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_budget_starts_from_the_spend_the_store_already_holds(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+    now = datetime.now(timezone.utc)
+    with _tracker(url) as earlier:  # an earlier process, without budgets
+        for _ in range(9):
+            earlier.record(
+                TokenUsage(prompt_tokens=50, completion_tokens=50), model="m", user_id="alice"
+            )
+        earlier.record(  # yesterday's and an hour ago's spend: outside the windows below
+            TokenUsage(prompt_tokens=500),
+            model="m",
+            user_id="alice",
+            ended_at=now - timedelta(days=1, minutes=1),
+        )
+        earlier.record(
+            TokenUsage(prompt_tokens=500),
+            model="m",
+            user_id="bob",
+            ended_at=now - timedelta(minutes=90),
+        )
+    daily = Budget(limit_tokens=1000, per="user", period="day")
+    with _tracker(url, daily) as fresh:
+        with pytest.raises(BudgetExceededError, match="900 tokens of 1,000"):
+            fresh.reserve(model="m", prompt_tokens=100, max_output_tokens=100, user_id="alice")
+        held = fresh.reserve(model="m", prompt_tokens=50, max_output_tokens=50, user_id="alice")
+        assert held is not None  # 900 + 100 fits exactly: yesterday's 500 is not counted
+        fresh.release(held)
+    hourly = Budget(limit_tokens=600, per="user", period=timedelta(hours=1))
+    with _tracker(url, hourly) as fresh:
+        with pytest.raises(BudgetExceededError, match="900 tokens of 600"):
+            fresh.reserve(model="m", prompt_tokens=1, max_output_tokens=1, user_id="alice")
+        bob = fresh.reserve(model="m", prompt_tokens=250, max_output_tokens=250, user_id="bob")
+        assert bob is not None  # bob's spend is older than the hour
+        fresh.release(bob)
+
+
+def test_a_budget_added_later_counts_the_calls_already_recorded() -> None:
+    with _tracker("memory://") as tracker:
+        for _ in range(9):
+            tracker.record(
+                TokenUsage(prompt_tokens=50, completion_tokens=50), model="m", user_id="alice"
+            )
+        tracker.add_budget(Budget(limit_tokens=1000, per="user", period="day"))
+        with pytest.raises(BudgetExceededError, match="900 tokens of 1,000"):
+            tracker.reserve(model="m", prompt_tokens=100, max_output_tokens=100, user_id="alice")

@@ -184,6 +184,11 @@ class UsageTracker:
     # ------------------------------------------------------------------ budgets
 
     def add_budget(self, budget: Budget) -> None:
+        """Enforce ``budget`` from the next call on; its period starts from the spend the
+        store already holds for it (records still queued are written first)."""
+        writer = getattr(self, "_writer", None)  # None while the constructor adds its own
+        if writer is not None:
+            writer.flush(30.0)
         if not isinstance(budget, Budget):
             raise TypeError(f"add_budget takes a Budget, not {type(budget).__name__}")
         key = budget.per.removeprefix(DIMENSION_SCOPE)

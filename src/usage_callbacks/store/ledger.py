@@ -24,8 +24,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, SQLModel
 
-from usage_callbacks.budgets import Budget, BudgetExceededError, BudgetWarning
-from usage_callbacks.store.models import UTCDateTime, pico_to_usd, usd_to_pico
+from usage_callbacks.budgets import ANONYMOUS, Budget, BudgetExceededError, BudgetWarning
+from usage_callbacks.store.models import UsageRecord, UTCDateTime, pico_to_usd, usd_to_pico
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -55,6 +55,17 @@ class BudgetHold(SQLModel, table=True):
     pico: int = Field(default=0, sa_type=sa.BigInteger)
     tokens: int = Field(default=0, sa_type=sa.BigInteger)
     expires_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class BudgetSeed(SQLModel, table=True):
+    """When a budget's scope key was first booked: spend recorded before then (by an
+    earlier process, or before the budget existed) was added to its counters then."""
+
+    __tablename__: ClassVar[str] = "budget_seeds"
+
+    budget: str = Field(primary_key=True, max_length=256)
+    scope_key: str = Field(primary_key=True, max_length=256)
+    seeded_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class BudgetDefinition(SQLModel, table=True):
@@ -97,6 +108,17 @@ class BudgetDefinition(SQLModel, table=True):
 _definitions = BudgetDefinition.__table__  # type: ignore[attr-defined]
 _counters = BudgetCounter.__table__  # type: ignore[attr-defined]
 _holds = BudgetHold.__table__  # type: ignore[attr-defined]
+_seeds = BudgetSeed.__table__  # type: ignore[attr-defined]
+_records = UsageRecord.__table__  # type: ignore[attr-defined]
+#: The record column each scope's key names (None: every record counts).
+_SCOPE_COLUMNS = {
+    "user": _records.c.user_id,
+    "session": _records.c.session_id,
+    "model": _records.c.model,
+    "global": None,
+}
+#: Charges known seeded, so that a renewal asks the database only the first time; bounded.
+_MAX_KNOWN_SEEDED = 4096
 
 
 #: Where a counter stops growing: below 2^63 with room for one more booking.
@@ -204,7 +226,8 @@ class BudgetLedger:
         self.engine = engine
         self._guard = lock or nullcontext()
         self.dialect = engine.dialect.name
-        SQLModel.metadata.create_all(engine, tables=[_counters, _holds, _definitions])
+        SQLModel.metadata.create_all(engine, tables=[_counters, _holds, _definitions, _seeds])
+        self._seeded: set[tuple[str, str]] = set()
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._insert = insert
         self._hold = insert(_holds).on_conflict_do_nothing()
@@ -278,6 +301,7 @@ class BudgetLedger:
                     [{"reservation": lease_id, "budget": c.label, "key": c.key} for c in charges],
                 )
                 for change in changes:
+                    self._seed(connection, change.charge, now)
                     warning = self._book(connection, change, now)
                     if warning is not None:
                         warnings.append(warning)
@@ -307,6 +331,74 @@ class BudgetLedger:
                 if rows:
                     connection.execute(self._hold, rows)
         return Renewal(grants, refused, overruns, warnings)
+
+    def _seed(self, connection: Connection, charge: Charge, now: datetime) -> None:
+        """The first booking of a charge starts from what the store already holds for it
+        in the current window: calls recorded by earlier processes, or before the budget
+        was added. Once per charge, inside the renewal's transaction (which owns it)."""
+        known = (charge.label, charge.key)
+        if known in self._seeded:
+            return
+        seeded = connection.execute(
+            sa.select(_seeds.c.seeded_at).where(
+                _seeds.c.budget == charge.label, _seeds.c.scope_key == charge.key
+            )
+        ).first()
+        if seeded is None:
+            for bucket, (pico, tokens) in self._recorded(connection, charge, now).items():
+                connection.execute(
+                    self._add_spend,
+                    {
+                        "budget": charge.label,
+                        "scope_key": charge.key,
+                        "bucket_start": bucket,
+                        "spent_pico": min(pico, _SATURATED),
+                        "spent_tokens": min(tokens, _SATURATED),
+                        "warned": False,
+                    },
+                )
+            connection.execute(
+                self._insert(_seeds).on_conflict_do_nothing(),
+                {"budget": charge.label, "scope_key": charge.key, "seeded_at": now},
+            )
+        if len(self._seeded) >= _MAX_KNOWN_SEEDED:
+            self._seeded.clear()
+        self._seeded.add(known)
+
+    def _recorded(
+        self, connection: Connection, charge: Charge, now: datetime
+    ) -> dict[datetime, tuple[int, int]]:
+        """Stored spend of the charge's scope in its current window, by bucket."""
+        budget = charge.budget
+        per = "session" if budget.session_only else budget.per
+        if per not in _SCOPE_COLUMNS:
+            return {}  # a scope the records do not name: nothing to start from
+        start, _ = budget.window(now)
+        column = _SCOPE_COLUMNS[per]
+        where = [_records.c.ended_at >= start, _records.c.ended_at < now]
+        if column is not None:
+            where.append(
+                sa.or_(column.is_(None), column == "")
+                if charge.key == ANONYMOUS
+                else column == charge.key
+            )
+        if not budget.is_rolling:  # a calendar period is one bucket: sum in the database
+            pico, tokens = connection.execute(
+                sa.select(
+                    _sum(sa.type_coerce(_records.c.cost_estimate_usd, sa.BigInteger)),
+                    _sum(_records.c.total_tokens),
+                ).where(*where)
+            ).one()
+            return {start: (int(pico), int(tokens))} if pico or tokens else {}
+        buckets: dict[datetime, list[int]] = {}
+        rows = sa.select(
+            _records.c.ended_at, _records.c.cost_estimate_usd, _records.c.total_tokens
+        ).where(*where)
+        for ended_at, cost, tokens in connection.execute(rows):
+            amounts = buckets.setdefault(bucket_start(budget, ended_at), [0, 0])
+            amounts[0] += usd_to_pico(cost)
+            amounts[1] += tokens
+        return {bucket: (pico, tokens) for bucket, (pico, tokens) in buckets.items()}
 
     def _book(
         self, connection: Connection, change: LeaseChange, now: datetime
