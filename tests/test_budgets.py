@@ -486,3 +486,33 @@ def test_a_budget_added_later_counts_the_calls_already_recorded() -> None:
         tracker.add_budget(Budget(limit_tokens=1000, per="user", period="day"))
         with pytest.raises(BudgetExceededError, match="900 tokens of 1,000"):
             tracker.reserve(model="m", prompt_tokens=100, max_output_tokens=100, user_id="alice")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("user_id", ["a\x00b", "u" * 300])
+def test_any_user_id_gets_a_working_budget(
+    backend: str, user_id: str, request: pytest.FixtureRequest
+) -> None:
+    """Fail-closed refused such a user's every call; fail-open let them all through."""
+    url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+    for mode in ("closed", "open"):
+        provider = Provider()
+        budget = Budget(limit_tokens=250, per="user", name=f"odd-ids-{mode}")
+        with _tracker(url, budget, budget_failure_mode=mode) as tracker:
+            for _ in range(2):
+                provider(tracker, user_id=user_id)
+            with pytest.raises(BudgetExceededError) as refused:
+                provider(tracker, user_id=user_id)
+            assert not isinstance(refused.value, BudgetUnavailableError)
+            assert provider.calls == 2
+
+
+def test_ledger_keys_are_storable_and_distinct() -> None:
+    from usage_callbacks.budgets import ledger_key
+
+    keys = ["alice", "a\x00b", "a\x00c", "u" * 300, "u" * 301, "lone-\ud800", "lone-\udfff"]
+    stored = [ledger_key(key) for key in keys]
+    assert stored[0] == "alice" and len(set(stored)) == len(keys)
+    for key in stored:
+        assert len(key) <= 256 and "\x00" not in key
+        key.encode("utf-8")  # no lone surrogate left

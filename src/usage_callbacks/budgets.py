@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -109,7 +110,9 @@ class Budget(BaseModel):
     def scope_key(self, call: CallScope) -> str | None:
         """The bucket this call spends from, or None when the budget does not apply."""
         if self.session_only is not None:
-            return self.session_only if self.session_only in call.session_ids else None
+            if self.session_only not in call.session_ids:
+                return None
+            return ledger_key(self.session_only)
         if self.per == "global":
             return "*"
         if self.per.startswith(DIMENSION_SCOPE):
@@ -122,7 +125,7 @@ class Budget(BaseModel):
                 "node": call.node,
                 "agent": call.agent,
             }[self.per]
-        return value if value else ANONYMOUS
+        return ledger_key(value) if value else ANONYMOUS
 
     def window(self, now: datetime) -> tuple[datetime, datetime]:
         """The current period: calendar periods in UTC, or a rolling window ending now."""
@@ -157,6 +160,25 @@ class Budget(BaseModel):
         if self.period is None:
             return "in total"
         return f"in the last {self.period}"
+
+
+#: The ledger's key columns are VARCHAR(256) and PostgreSQL text holds no NUL byte.
+_MAX_LEDGER_KEY = 200
+
+
+def ledger_key(value: str) -> str:
+    """The scope key as the ledger can store it: as given, or a readable prefix and a
+    digest when it is too long or holds a NUL byte or a lone surrogate (such a user's every
+    call used to be refused, fail-closed, or let through unbudgeted, fail-open)."""
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = b""
+    if raw and len(value) <= _MAX_LEDGER_KEY and b"\x00" not in raw:
+        return value
+    escaped = value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "?")
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{escaped[:64]}...sha256:{digest}"
 
 
 @dataclass(frozen=True)

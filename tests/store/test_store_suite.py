@@ -150,10 +150,15 @@ def test_over_long_and_non_text_values_are_fitted_not_left_to_fail_the_batch(
 def test_a_row_the_database_refuses_is_set_aside_and_later_records_still_land(
     store_url: str, tmp_path: Path
 ) -> None:
-    # 10^8 USD is 10^20 pico-USD: beyond the BIGINT column on every backend
+    # 10^8 USD is 10^20 pico-USD: beyond the BIGINT column on every backend. TokenUsage
+    # refuses it (at most $10^5 a call); an unvalidated one stands for any row a database
+    # may refuse
     spill = tmp_path / "spill.jsonl"
+    unvalidated = TokenUsage.model_construct(
+        **{**TokenUsage(prompt_tokens=1).__dict__, "cost_estimate_usd": Decimal(10**8)}
+    )
     with UsageTracker(store_url, flush_interval=0.01, spill_path=spill) as tracker:
-        bad = tracker.record(TokenUsage(prompt_tokens=1, cost_estimate_usd=Decimal(10**8)))
+        bad = tracker.record(unvalidated)
         tracker.record(TokenUsage(prompt_tokens=2), model="gpt-4o-mini")
         assert tracker.flush(timeout=10)
         assert [record.prompt_tokens for record in tracker.records()] == [2]
