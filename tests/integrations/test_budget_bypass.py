@@ -9,6 +9,7 @@ import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
@@ -262,3 +263,48 @@ def test_structured_output_schemas_are_reserved_before_the_call() -> None:
         with pytest.raises(BudgetExceededError):
             model.invoke(QUESTION, config=config)  # type: ignore[arg-type]
         assert model.calls == 1
+
+
+def _own_manager_llm() -> Any:
+    """A LlamaIndex LLM built with a CallbackManager of its own (or before
+    Settings.callback_manager was set): handlers added to Settings never meet it."""
+    from llama_index.core.callbacks import CallbackManager
+
+    from tests.integrations.test_llamaindex import BilledLLM
+
+    return BilledLLM(callback_manager=CallbackManager([]))
+
+
+def _call_until_refused(llm: Any, attempts: int = 10) -> int:
+    refused = 0
+    for _ in range(attempts):
+        try:
+            llm.complete("What does the quarterly report say?")
+        except BudgetExceededError:
+            refused += 1
+    return refused
+
+
+def test_llamaindex_instrument_alone_refuses_over_budget_calls() -> None:
+    from usage_callbacks.llamaindex import instrument
+
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=300)]) as tracker:
+        handle = instrument(tracker)
+        try:
+            llm = _own_manager_llm()
+            refused = _call_until_refused(llm)
+        finally:
+            handle.detach()
+        assert refused > 0 and llm.calls + refused == 10
+        assert tracker.summary().usage.total_tokens == 49 * llm.calls <= 300
+        assert tracker.summary().calls == llm.calls  # counted once, not by both handlers
+        assert not llm.callback_manager.handlers  # detach takes the enforcer off again
+
+
+def test_llamaindex_session_budget_reaches_an_llm_with_its_own_manager() -> None:
+    with UsageTracker("memory://") as tracker:
+        llm = _own_manager_llm()
+        with tracker.session("report", max_tokens=300) as session:
+            refused = _call_until_refused(llm)
+        assert refused > 0 and llm.calls + refused == 10
+        assert session.usage.total_tokens == 49 * llm.calls <= 300

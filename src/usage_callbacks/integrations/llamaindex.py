@@ -61,6 +61,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from usage_callbacks.attribution import Dimensions, check_given_dimensions, merge_dimensions
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.held_calls import HeldCalls
+from usage_callbacks.integrations.llamaindex_reach import budget_reach
 from usage_callbacks.integrations.llamaindex_spans import span_tree
 from usage_callbacks.readers import UsageSource, normalize_usage
 from usage_callbacks.runs import RunState
@@ -751,12 +752,15 @@ class Instrumentation:
     """Returned by ``instrument``: ``detach()`` removes the handler again."""
 
     handler: UsageEventHandler
+    #: put on each LLM's and embedding model's own manager as its call starts: it refuses
+    enforcer: UsageCallbackHandler
 
     def detach(self) -> None:
         with _wiring_lock:
             root = get_dispatcher()
             root.event_handlers = [h for h in root.event_handlers if h is not self.handler]
             _instrumented.pop(id(self.handler.tracker), None)
+        budget_reach().remove(self.enforcer)
 
 
 _instrumented: dict[int, Instrumentation] = {}
@@ -772,6 +776,10 @@ def instrument(
 ) -> Instrumentation:
     """Attach a UsageEventHandler for ``tracker`` to the root dispatcher, once."""
     given = check_given_dimensions(tracker.declared_dimensions, dimensions)
+    # built outside the wiring lock, which its constructor takes
+    enforcer = UsageCallbackHandler(
+        tracker, user_id=user_id, session_id=session_id, tags=tags, dimensions=dimensions
+    )
     with _wiring_lock:
         existing = _instrumented.get(id(tracker))
         if existing is not None:
@@ -784,7 +792,8 @@ def instrument(
             dimensions=given,
         )
         get_dispatcher().add_event_handler(handler)
-        handle = Instrumentation(handler)
+        budget_reach().add(enforcer)
+        handle = Instrumentation(handler, enforcer)
         _instrumented[id(tracker)] = handle
         return handle
 
@@ -809,6 +818,7 @@ def _ensure_session_wiring() -> None:
         root = get_dispatcher()
         if _session_event_handler not in root.event_handlers:
             root.add_event_handler(_session_event_handler)
+    budget_reach().add(_session_callback_handler)  # components with managers of their own
     _watch_streams()
 
 
