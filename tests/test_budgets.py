@@ -516,3 +516,30 @@ def test_ledger_keys_are_storable_and_distinct() -> None:
     for key in stored:
         assert len(key) <= 256 and "\x00" not in key
         key.encode("utf-8")  # no lone surrogate left
+
+
+def test_a_postgresql_server_that_never_answers_fails_within_seconds() -> None:
+    """A black-holed server (the port accepts, nothing ever answers): the tracker gives up
+    after the connect timeout instead of blocking its caller indefinitely."""
+    import socket
+
+    from usage_callbacks.store.sql import StoreConfigurationError
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the kernel; no byte is ever sent back
+    port = silent.getsockname()[1]
+    outcome: list[BaseException] = []
+
+    def open_tracker() -> None:
+        try:
+            UsageTracker(f"postgresql+psycopg://u@127.0.0.1:{port}/db")
+        except BaseException as error:  # the outcome is the test's to judge
+            outcome.append(error)
+
+    opener = threading.Thread(target=open_tracker, daemon=True)
+    opener.start()
+    opener.join(30)
+    silent.close()
+    assert not opener.is_alive(), "still waiting for a server that never answers"
+    assert len(outcome) == 1 and isinstance(outcome[0], StoreConfigurationError)

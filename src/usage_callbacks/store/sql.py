@@ -60,6 +60,21 @@ class SchemaTooNewError(RuntimeError):
     """The database was written by a newer usage-callbacks."""
 
 
+#: A server that stops answering (a black-holed route, not a refusal) fails a connection
+#: attempt after 5 s and an unacknowledged send after 10 s, instead of blocking reserve()
+#: and the writer for minutes; then budget_failure_mode decides. Query parameters of the
+#: URL win (``?connect_timeout=30``).
+_PG_TIMEOUTS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "tcp_user_timeout": 10_000,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+_PG_POOL_TIMEOUT_S = 10
+
+
 def create_engine_for(url: str) -> Engine:
     """An engine tuned for the ledger: WAL + busy timeout on SQLite, pre-ping on servers."""
     if url.startswith("memory://"):
@@ -78,6 +93,11 @@ def create_engine_for(url: str) -> Engine:
         if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if parsed.get_backend_name() == "postgresql":
+            kwargs["pool_timeout"] = _PG_POOL_TIMEOUT_S
+            kwargs["connect_args"] = {
+                name: value for name, value in _PG_TIMEOUTS.items() if name not in parsed.query
+            }
         if parsed.get_backend_name() == "sqlite":
             kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
         try:
