@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -132,3 +133,29 @@ def test_calls_priced_only_after_the_answer_are_held_by_their_typical_size(
         assert len(renewals) <= 3
         [status] = worker.budget_status()
         assert status.spent_usd == Decimal("0.003")
+
+
+def test_idle_users_holds_are_returned_and_forgotten(sqlite_url: str) -> None:
+    """200,000 users used to keep a lease (and a ledger hold) each for good: +15 MB per
+    10k users. A lease unused for a TTL is booked, returned and forgotten."""
+    budget = Budget(limit_tokens=10_000, per="user", period="day")
+    tracker = UsageTracker(sqlite_url, budgets=[budget], reservation_ttl=timedelta(seconds=0.6))
+    with tracker:
+        for user in range(300):
+            held = tracker.reserve(
+                model="gpt-4o-mini", prompt_tokens=10, max_output_tokens=10, user_id=f"u{user}"
+            )
+            tracker.record(
+                TokenUsage(prompt_tokens=10, completion_tokens=5),
+                model="gpt-4o-mini",
+                user_id=f"u{user}",
+                reservation=held,
+            )
+        deadline = time.monotonic() + 10
+        while tracker._allowances._leases and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not tracker._allowances._leases
+        statuses = tracker.store.ledger.status(
+            [Charge(budget, f"u{user}") for user in range(300)], datetime.now(timezone.utc)
+        )
+        assert all(s.reserved_tokens == 0 and s.spent_tokens == 15 for s in statuses)

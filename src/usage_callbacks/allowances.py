@@ -55,6 +55,8 @@ class _Lease:
     unbooked_pico: int = 0
     unbooked_tokens: int = 0
     renew_by: datetime | None = None
+    #: the last reservation or spend: a lease idle for a TTL is returned and forgotten
+    used_at: float = field(default_factory=time.monotonic)
     spent_pico: int = 0  # booked spend in the window at the last renewal
     spent_tokens: int = 0
     warned_until: datetime | None = None
@@ -192,20 +194,44 @@ class BudgetAllowances:
             now = utcnow()
             with self._lock:
                 self._drop_abandoned()
-                due = [
-                    lease
-                    for lease in self._leases.values()
-                    if lease.inflight and (lease.renew_by is None or now >= lease.renew_by)
-                ]
-                if not due:
-                    continue
-                try:
-                    renewal = self._renew(due, now, slices=False, keep_spare=True)
-                except Exception:  # the ledger is away: log, and try again next beat
-                    logger.warning("renewing budget holds failed; will retry", exc_info=True)
-                    continue
-            for warning in renewal.warnings:
+                warnings = [*self._renew_live(now), *self._forget_idle(now)]
+            for warning in warnings:
                 self._announce(warning)
+
+    def _renew_live(self, now: datetime) -> list[BudgetWarning]:
+        """Renew the holds of leases with calls in flight before they lapse."""
+        due = [
+            lease
+            for lease in self._leases.values()
+            if lease.inflight and (lease.renew_by is None or now >= lease.renew_by)
+        ]
+        if not due:
+            return []
+        try:
+            return self._renew(due, now, slices=False, keep_spare=True).warnings
+        except Exception:  # the ledger is away: log, and try again next beat
+            logger.warning("renewing budget holds failed; will retry", exc_info=True)
+            return []
+
+    def _forget_idle(self, now: datetime) -> list[BudgetWarning]:
+        """Book and return the holds of leases unused for a TTL, and forget them: memory
+        and holds follow the users active lately, not every user ever seen."""
+        quiet_since = time.monotonic() - self._ttl.total_seconds()
+        idle = [
+            lease
+            for lease in self._leases.values()
+            if not lease.inflight and lease.used_at <= quiet_since
+        ]
+        if not idle:
+            return []
+        try:
+            renewal = self._renew(idle, now, slices=False, keep_spare=False)
+        except Exception:  # the ledger is away: keep them, try again next beat
+            logger.warning("returning idle budget holds failed; will retry", exc_info=True)
+            return []
+        for lease in idle:
+            del self._leases[(lease.charge.label, lease.charge.key)]
+        return renewal.warnings
 
     def stop(self) -> None:
         """No more heartbeats (the tracker is closing)."""
@@ -232,6 +258,7 @@ class BudgetAllowances:
                     raise renewal.refused
             for lease in leases:
                 lease.hold(reservation_id, pico, tokens)
+                lease.used_at = time.monotonic()
         self._keep_alive()
         return renewal
 
@@ -250,14 +277,15 @@ class BudgetAllowances:
                 if reservation_id is not None:
                     lease.drop(reservation_id)
                 lease.spend(pico, tokens, now)
+                lease.used_at = time.monotonic()
             due = (
                 self._policy.fraction == 0
                 or time.monotonic() - self._booked_at >= self._book_interval
                 or any(lease.overdrawn() or lease.may_warn(now) for lease in leases)
             )
-            if not due:
-                return []
-            return self._book_all(now, keep_slice=True)
+            warnings = self._book_all(now, keep_slice=True) if due else []
+        self._keep_alive()  # spend without a reservation (record() by hand) has leases too
+        return warnings
 
     def release(self, reservation_id: str, charges: Sequence[Charge]) -> None:
         """Drop a call that never happened; its hold goes back to this process's slice."""
