@@ -689,6 +689,11 @@ class UsageTracker:
                 shutdown()
         self.store.close()
 
+    @property
+    def closed(self) -> bool:
+        """``close()`` was called: integrations stop enforcing budgets through it."""
+        return self._closed
+
     def __enter__(self) -> UsageTracker:
         return self
 

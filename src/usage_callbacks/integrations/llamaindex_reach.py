@@ -65,7 +65,9 @@ class BudgetReach(BaseSpanHandler[BaseSpan]):
         if self._enforcers and isinstance(instance, (BaseLLM, BaseEmbedding)):
             manager = getattr(instance, "callback_manager", None)
             if isinstance(manager, CallbackManager):
-                missing = [h for h in self._enforcers if h not in manager.handlers]
+                missing = [
+                    h for h in self._enforcers if h not in manager.handlers and not _closed(h)
+                ]
                 for handler in missing:
                     manager.add_handler(handler)
                 if missing:
@@ -92,6 +94,11 @@ class BudgetReach(BaseSpanHandler[BaseSpan]):
         **kwargs: Any,
     ) -> BaseSpan | None:
         return None
+
+
+def _closed(handler: BaseCallbackHandler) -> bool:
+    """An enforcer of a closed tracker (instrumented, never detached) reaches nothing new."""
+    return bool(getattr(getattr(handler, "tracker", None), "closed", False))
 
 
 _reach: BudgetReach | None = None
