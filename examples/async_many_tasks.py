@@ -8,12 +8,16 @@ gets its own total while the tracker sees them all.
 
 import asyncio
 import itertools
+import os
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 
 from usage_callbacks import UsageTracker
 from usage_callbacks.langchain import UsageCallbackHandler
+
+#: A database of its own: examples sharing ./usage.db counted each other's rows.
+DB = os.environ.get("USAGE_CALLBACKS_DB", "sqlite:///async_many_tasks.db")
 
 # The fake model calls next() from LangChain's executor threads: a Python generator would
 # raise "generator already executing" under concurrency; itertools.repeat is thread-safe.
@@ -33,7 +37,7 @@ async def conversation(model, handler, tracker, index: int) -> int:  # type: ign
 
 async def main() -> None:
     model = GenericFakeChatModel(messages=itertools.repeat(REPLY))
-    with UsageTracker() as tracker:
+    with UsageTracker(DB) as tracker:
         handler = UsageCallbackHandler(tracker)
         calls = await asyncio.gather(
             *(conversation(model, handler, tracker, i) for i in range(200))

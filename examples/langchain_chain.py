@@ -6,6 +6,8 @@ the records show exactly what each conversation cost.
     python examples/langchain_chain.py
 """
 
+import os
+
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -13,6 +15,9 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from usage_callbacks import UsageTracker
 from usage_callbacks.langchain import UsageCallbackHandler
+
+#: A database of its own: examples sharing ./usage.db counted each other's rows.
+DB = os.environ.get("USAGE_CALLBACKS_DB", "sqlite:///langchain_chain.db")
 
 
 def answer(text: str, prompt_tokens: int, completion_tokens: int) -> AIMessage:
@@ -45,7 +50,7 @@ def main() -> None:
         | model
         | StrOutputParser()
     )
-    with UsageTracker() as tracker:
+    with UsageTracker(DB) as tracker:
         for user, question in [
             ("ana", "How do I reset my password?"),
             ("ben", "When do refunds arrive?"),

@@ -7,6 +7,7 @@ plus max_tokens) first; the call that would not fit is refused, and the "provide
     python examples/per_user_daily_budget.py
 """
 
+import os
 from decimal import Decimal
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -14,6 +15,9 @@ from langchain_core.messages import AIMessage
 
 from usage_callbacks import Budget, BudgetExceededError, UsageTracker
 from usage_callbacks.langchain import UsageCallbackHandler
+
+#: A database of its own: examples sharing ./usage.db counted each other's rows.
+DB = os.environ.get("USAGE_CALLBACKS_DB", "sqlite:///per_user_daily_budget.db")
 
 
 class Provider(GenericFakeChatModel):
@@ -36,7 +40,7 @@ def reply() -> AIMessage:
 def main() -> None:
     free_tier = Budget(limit_usd=Decimal("0.001"), per="user", period="day", name="free-tier")
     model = Provider(messages=iter(reply() for _ in range(100)))
-    with UsageTracker(budgets=[free_tier]) as tracker:
+    with UsageTracker(DB, budgets=[free_tier]) as tracker:
         handler = UsageCallbackHandler(tracker, user_id="free-user-7")
         for attempt in range(1, 11):
             try:

@@ -1,8 +1,8 @@
 """Quickstart: the offline demo that `usage-callbacks demo` runs.
 
-LangChain and LlamaIndex calls on the frameworks' fake models are recorded into the
-embedded SQLite default (./usage.db, or $USAGE_CALLBACKS_DB), a per-user daily budget
-refuses a call before it is made, and a summary is printed.
+LangChain and LlamaIndex calls on the frameworks' fake models are recorded into a fresh
+SQLite database of the demo's own (or the URL given), the budget of alice's session
+refuses a call before it is made, and what the run recorded is printed.
 
     python examples/quickstart.py
 """

@@ -7,6 +7,8 @@ counted with the embedding model's encoding and priced like any other tokens.
     python examples/rag_embedding_tokens.py
 """
 
+import os
+
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.vectorstores import InMemoryVectorStore
 from llama_index.core import Document, VectorStoreIndex
@@ -15,6 +17,9 @@ from llama_index.core.llms import MockLLM
 
 from usage_callbacks import UsageTracker
 from usage_callbacks.langchain import TrackedEmbeddings
+
+#: A database of its own: examples sharing ./usage.db counted each other's rows.
+DB = os.environ.get("USAGE_CALLBACKS_DB", "sqlite:///rag_embedding_tokens.db")
 
 DOCS = [
     "Invoices are issued on the first business day of the month.",
@@ -28,7 +33,7 @@ class SmallEmbedding(DeterministicFakeEmbedding):
 
 
 def main() -> None:
-    with UsageTracker() as tracker:
+    with UsageTracker(DB) as tracker:
         with tracker.session("llamaindex-rag") as llama_session:
             index = VectorStoreIndex.from_documents(
                 [Document(text=text) for text in DOCS], embed_model=MockEmbedding(embed_dim=8)

@@ -6,12 +6,17 @@ A LangChain model drafts, a LlamaIndex model reviews; neither call is given a ha
     python examples/session_across_frameworks.py
 """
 
+import os
+
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from llama_index.core import Settings
 from llama_index.core.llms import ChatMessage, MockLLM
 
 from usage_callbacks import UsageTracker
+
+#: A database of its own: examples sharing ./usage.db counted each other's rows.
+DB = os.environ.get("USAGE_CALLBACKS_DB", "sqlite:///session_across_frameworks.db")
 
 
 def main() -> None:
@@ -27,7 +32,7 @@ def main() -> None:
         )
     )
     Settings.llm = MockLLM(max_tokens=20)
-    with UsageTracker() as tracker, tracker.session("weekly-report", user_id="ops") as session:
+    with UsageTracker(DB) as tracker, tracker.session("weekly-report", user_id="ops") as session:
         draft = drafter.invoke("Summarise this week's usage.")
         Settings.llm.chat([ChatMessage(role="user", content=f"Review: {draft.content}")])
     print(f"session {session.session_id}: {session.calls} calls")

@@ -296,26 +296,36 @@ def test_add_budget_later_and_duplicate_labels() -> None:
 
 @pytest.mark.parametrize("mode", ["closed", "open"])
 def test_budget_database_outage_fails_closed_by_default_or_open_on_request(
-    mode: str, monkeypatch: pytest.MonkeyPatch
+    mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import sqlalchemy as sa
 
     from usage_callbacks import BudgetUnavailableError
 
+    statement = "UPDATE budget_counters SET spent_pico = spent_pico + ? WHERE scope_key = ?"
+
     def database_gone(*_: object, **__: object) -> None:
-        raise sa.exc.OperationalError("BEGIN", {}, ConnectionRefusedError("server closed"))
+        raise sa.exc.OperationalError(
+            statement, {"scope_key": "alice@example.com"}, ConnectionRefusedError("server closed")
+        )
 
     provider = Provider()
     with _tracker("memory://", Budget(limit_usd=5), budget_failure_mode=mode) as tracker:
         monkeypatch.setattr(tracker.store.ledger, "renew", database_gone)
         if mode == "closed":
-            with pytest.raises(BudgetUnavailableError, match="fail-closed"):
+            with pytest.raises(BudgetUnavailableError, match="fail-closed") as refused:
                 provider(tracker)
             assert provider.calls == 0
+            message = str(refused.value)
         else:
-            provider(tracker)
+            with caplog.at_level(logging.WARNING, logger="usage_callbacks"):
+                provider(tracker)
             assert provider.calls == 1
             assert len(tracker.records()) == 1  # the record is kept even if booking failed
+            message = caplog.text
+    # what failed, without the SQL statement or its parameters (they carry user ids)
+    assert "server closed" in message
+    assert "budget_counters" not in message and "alice@example.com" not in message
 
 
 def test_a_budget_added_after_calls_applies_to_the_next_call() -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from usage_callbacks import Budget, TokenUsage, UsageTracker
+from usage_callbacks.store import UsageFilter
 
 DAY0 = datetime(2026, 11, 20, 9, tzinfo=timezone.utc)
 MODELS = {"gpt-4o-mini": "openai", "claude-sonnet-4-5": "anthropic", "gpt-4o": "openai"}
+_FILTERS = ("since", "until", "user", "session", "model")
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -166,7 +168,7 @@ def test_ingest_loads_a_spill_file(tmp_path: Path) -> None:
     spill.append(records)
     url = f"sqlite:///{tmp_path / 'target.db'}"
     result = run("ingest", "--db", url, str(spill.path))
-    assert result.returncode == 0 and "ingested 3 records" in result.stdout
+    assert result.returncode == 0 and "ingested 3 new records" in result.stdout
     assert json.loads(run("summary", "--db", url, "--json").stdout)["usage"]["total_tokens"] == 6
 
 
@@ -247,7 +249,8 @@ def attributed_db(tmp_path: Path) -> str:
 def test_summary_by_node_and_model_nests_the_second_level(attributed_db: str) -> None:
     result = run("summary", "--db", attributed_db, "--by", "node,model")
     assert result.returncode == 0, result.stderr
-    rows = [(line[:24].rstrip(), line.split()[-9]) for line in result.stdout.splitlines()[1:]]
+    lines = [line for line in result.stdout.splitlines()[2:] if line.strip()]
+    rows = [(line.split("  ")[0] or "  " + line.split()[0], line.split()[-9]) for line in lines]
     assert rows == [
         ("plan", "110"),
         ("  gpt-4o", "100"),
@@ -313,3 +316,305 @@ def test_report_breaks_down_by_node_then_model(attributed_db: str, tmp_path: Pat
         ["| act", "1"],
         ["| ↳ gpt-4o-mini", "1"],
     ]
+
+
+# ------------------------------------------------------------------ safety (issue 18)
+
+
+def calls(url: str, *filters: str) -> int:
+    result = run("summary", "--db", url, "--json", *filters)
+    assert result.returncode == 0, result.stderr
+    return int(json.loads(result.stdout)["calls"])
+
+
+PURGE_FILTERS = [
+    ["--user", "alice"],
+    ["--session", "s1"],
+    ["--model", "gpt-4o"],
+    ["--since", "2026-11-22"],
+]
+
+
+@pytest.mark.parametrize("narrowing", PURGE_FILTERS, ids=lambda f: f[0])
+def test_purge_deletes_only_what_its_filter_selects(populated: str, narrowing: list[str]) -> None:
+    total, selected = calls(populated), calls(populated, *narrowing)
+    assert 0 < selected < total
+    done = run("purge", "--db", populated, "--before", "2027-01-01", "--yes", *narrowing)
+    assert done.returncode == 0, done.stderr
+    assert f"deleted {selected} records" in done.stdout
+    assert calls(populated) == total - selected and calls(populated, *narrowing) == 0
+
+
+REFUSED_FILTERS = [
+    ("budgets", [], "--node"),
+    ("budgets", [], "--since"),
+    ("budgets", [], "--until"),
+    *(("ingest", ["spill.jsonl"], f"--{name}") for name in _FILTERS),
+    *(("demo", [], f"--{name}") for name in _FILTERS),
+]
+
+
+@pytest.mark.parametrize(("command", "rest", "option"), REFUSED_FILTERS)
+def test_a_filter_a_command_cannot_apply_is_refused(
+    populated: str, command: str, rest: list[str], option: str
+) -> None:
+    value = "2026-11-22" if option in ("--since", "--until") else "alice"
+    result = run(command, "--db", populated, *rest, option, value)
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+    assert calls(populated) == 22  # nothing deleted, nothing recorded
+
+
+@pytest.mark.parametrize(
+    "narrowing", [*PURGE_FILTERS, ["--until", "2026-11-22"]], ids=lambda f: f[0]
+)
+def test_export_and_report_apply_every_filter(
+    populated: str, narrowing: list[str], tmp_path: Path
+) -> None:
+    selected = calls(populated, *narrowing)
+    out = tmp_path / "u.csv"
+    assert run("export", "--db", populated, "--format", "csv", "--out", str(out), *narrowing)
+    assert len(list(csv.DictReader(out.open()))) == selected
+    report = run("report", "--db", populated, "--out", str(tmp_path / "r.md"), *narrowing)
+    assert f"({selected} calls)" in report.stdout
+
+
+def test_budgets_narrow_to_a_user(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    with UsageTracker(url, budgets=[Budget(limit_usd=Decimal(1), per="user", period="day")]) as t:
+        for user in ("alice", "bob"):
+            t.record(TokenUsage(prompt_tokens=1000), model="gpt-4o", user_id=user)
+    everyone = run("budgets", "--db", url).stdout
+    assert " alice " in everyone and " bob " in everyone
+    alice = run("budgets", "--db", url, "--user", "alice").stdout
+    assert " alice " in alice and " bob " not in alice
+    assert "no budget rows" in run("budgets", "--db", url, "--user", "dave").stdout
+
+
+def test_csv_export_neutralizes_formulas(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    hostile = {'=HYPERLINK("http://x")': "user", "+1+cmd": "model", "-2": "session"}
+    with UsageTracker(url) as tracker:
+        tracker.record(
+            TokenUsage(prompt_tokens=1),
+            user_id='=HYPERLINK("http://x")',
+            model="+1+cmd",
+            session_id="-2",
+            tags=["@SUM(A1)"],
+        )
+    out = tmp_path / "u.csv"
+    assert run("export", "--db", url, "--format", "csv", "--out", str(out)).returncode == 0
+    [row] = list(csv.DictReader(out.open()))
+    assert row["user_id"] == '\'=HYPERLINK("http://x")'
+    assert row["model"] == "'+1+cmd" and row["session_id"] == "'-2"
+    for value in row.values():
+        assert not value.startswith(("=", "+", "-", "@")), (value, hostile)
+
+
+def test_markdown_and_html_reports_escape_values(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    nasty = "a|b<script>alert(1)</script>\nc"
+    with UsageTracker(url) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=1), model=nasty, user_id="u|v")
+    md, page = tmp_path / "r.md", tmp_path / "r.html"
+    assert run("report", "--db", url, "--out", str(md)).returncode == 0
+    assert run("report", "--db", url, "--out", str(page)).returncode == 0
+    text = md.read_text()
+    assert "<script" not in text
+    [row] = [line for line in text.split("## Last 10 calls")[1].splitlines() if "u\\|v" in line]
+    unescaped_borders = len(row.split("|")) - 1 - row.count("\\|")
+    assert unescaped_borders == 10  # nine cells: none split by a value's |
+    html_text = page.read_text()
+    assert "<script>" not in html_text
+    assert "a|b&lt;script&gt;alert(1)&lt;/script&gt; c" in html_text
+
+
+def _tables_and_journal(path: Path) -> tuple[list[str], str]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+        journal = connection.execute("PRAGMA journal_mode").fetchone()[0]
+    connection.close()
+    return tables, journal
+
+
+@pytest.mark.parametrize("command", ["summary", "budgets", "export", "report"])
+def test_reading_never_creates_or_alters_a_database(tmp_path: Path, command: str) -> None:
+    import sqlite3
+
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("CREATE TABLE notes (text TEXT)")
+    connection.close()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    before = foreign.read_bytes()
+    extra = {
+        "export": ["--format", "csv", "--out", str(tmp_path / "x.csv")],
+        "report": ["--out", str(tmp_path / "x.md")],
+    }.get(command, [])
+    for path in (foreign, empty):
+        result = run(command, "--db", f"sqlite:///{path}", *extra)
+        assert result.returncode == 2 and "not a usage-callbacks database" in result.stderr
+    assert foreign.read_bytes() == before
+    assert _tables_and_journal(foreign) == (["notes"], "delete")
+    assert empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".csv") == [
+        "empty.db",
+        "foreign.db",
+    ]
+
+
+def test_reading_a_usage_database_leaves_it_as_it_was(populated: str, tmp_path: Path) -> None:
+    path = Path(populated.removeprefix("sqlite:///"))
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    for args in (["summary"], ["budgets"], ["report", "--out", str(tmp_path / "r.html")]):
+        assert run(*args, "--db", populated).returncode == 0
+    after = {p.name: p.read_bytes() for p in path.parent.iterdir() if p.name != "r.html"}
+    assert after == before
+
+
+def _damage(path: Path) -> None:
+    """Overwrite pages in the middle of a SQLite file with garbage."""
+    data = bytearray(path.read_bytes())
+    page = 4096
+    for start in range(2 * page, len(data) - page, 3 * page):
+        data[start + 8 : start + page] = b"\xa5" * (page - 8)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["report", "--out", "{tmp}/missing/dir/x.html"], "no directory"),
+        (["report", "--out", "{tmp}/missing/x.md"], "no directory"),
+        (["export", "--format", "csv", "--out", "{tmp}/missing/x.csv"], "no directory"),
+        (["export", "--format", "jsonl", "--out", "{tmp}"], "is a directory"),
+        (["ingest", "{tmp}"], "is not a file"),
+        (["summary", "--db", "sqlite:///{tmp}/damaged.db"], "damaged"),
+    ],
+)
+def test_failures_are_one_line_and_exit_2(
+    populated: str, tmp_path: Path, args: list[str], message: str
+) -> None:
+    damaged = tmp_path / "damaged.db"
+    with UsageTracker(f"sqlite:///{damaged}") as tracker:
+        for index in range(3000):
+            tracker.record(TokenUsage(prompt_tokens=index + 1), model="m", user_id=f"u{index}")
+    _damage(damaged)
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    if "--db" not in argv:
+        argv += ["--db", populated]
+    result = run(*argv)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_demo_into_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    result = run("demo", "--db", f"sqlite:///{tmp_path}/missing/x.db")
+    assert result.returncode == 2 and "no directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ingest_rejects_non_records_and_counts_duplicates(tmp_path: Path) -> None:
+    from usage_callbacks.store.spill import SpillFile
+
+    with UsageTracker("memory://") as source:
+        records = [source.record(TokenUsage(prompt_tokens=i + 1), model="m") for i in range(3)]
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    spill.append(records)
+    with spill.path.open("a") as handle:
+        handle.write('{"not": "a record"}\n[1, 2]\n')
+    url = f"sqlite:///{tmp_path / 'target.db'}"
+    first = run("ingest", "--db", url, str(spill.path))
+    assert "ingested 3 new records" in first.stdout
+    assert first.stderr.count("not a usage record") == 2
+    again = run("ingest", "--db", url, str(spill.path))
+    assert "ingested 0 new records" in again.stdout and "3 already stored" in again.stdout
+    assert calls(url) == 3
+
+
+EXPORT_STDOUT = ("--format", "jsonl", "--out", "-")
+
+
+def test_export_to_stdout(populated: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "usage_callbacks", "export", "--db", populated, *EXPORT_STDOUT],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 22 and "exported 22" in result.stderr
+    assert not (tmp_path / "-").exists()
+
+
+def test_files_the_library_creates_are_owner_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from usage_callbacks.store.spill import SpillFile
+
+    old = os.umask(0o022)
+    try:
+        url = f"sqlite:///{tmp_path / 'usage.db'}"
+        with UsageTracker(url) as tracker:
+            record = tracker.record(TokenUsage(prompt_tokens=5), model="m")
+            tracker.flush()
+            modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        SpillFile(tmp_path / "spill" / "s.jsonl").append([record])
+        run("export", "--db", url, "--format", "csv", "--out", str(tmp_path / "u.csv"))
+        run("report", "--db", url, "--out", str(tmp_path / "u.html"))
+        assert {"usage.db", "usage.db-wal", "usage.db-shm"} <= set(modes)
+        assert set(modes.values()) == {0o600}
+        for name in ("spill/s.jsonl", "u.csv", "u.html"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+        assert (tmp_path / "spill").stat().st_mode & 0o777 == 0o700
+        monkeypatch.setenv("USAGE_CALLBACKS_FILE_MODE", "640")
+        SpillFile(tmp_path / "shared.jsonl").append([record])
+        assert (tmp_path / "shared.jsonl").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_reads_survive_rows_outside_token_usage_rules(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from usage_callbacks.store.models import UsageRecord
+
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    with UsageTracker(url, durable=True) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=5), model="m", user_id="alice")
+        good = UsageRecord().model_dump()
+        tracker.store.write(
+            [
+                UsageRecord.model_construct(**{**good, "id": "neg", "prompt_tokens": -5}),
+                UsageRecord.model_construct(
+                    **{**good, "id": "frac", "prompt_tokens": 2.5, "total_tokens": 2.5}
+                ),
+            ]
+        )
+        with caplog.at_level("WARNING", logger="usage_callbacks"):
+            for group_by in (None, "model", "user", "day"):
+                summary = tracker.summary(group_by=group_by)
+                assert summary.usage.prompt_tokens == 5 and summary.calls == 1
+            assert len(tracker.store.daily_by_model(UsageFilter())) == 1
+        assert "leaving out 2 stored record(s)" in caplog.text
+    result = run("summary", "--db", url, "--by", "user")
+    assert result.returncode == 0 and "leaving out 2" in result.stderr
+
+
+def test_sums_beyond_sqlite_integers_are_exact(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    usage = TokenUsage(prompt_tokens=10**12 - 1)
+    with UsageTracker(url) as tracker:
+        records = [tracker.record(usage, model="gpt-4o") for _ in range(13)]
+        expected = sum((r.cost_estimate_usd for r in records), Decimal(0))
+        assert expected * 10**12 > 2**63  # more pico-USD than SQLite's integers hold
+        summary = tracker.summary(group_by="day")
+        assert summary.usage.prompt_tokens == 13 * (10**12 - 1)
+        assert summary.usage.cost_estimate_usd == expected
+        [daily] = tracker.store.daily_by_model(UsageFilter())
+        assert daily.usage.cost_estimate_usd == expected
+    assert run("summary", "--db", url).returncode == 0

@@ -42,3 +42,15 @@ def test_example_runs(name: str, tmp_path: Path, request: pytest.FixtureRequest)
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert EXPECTED[name] in result.stdout
+
+
+def test_examples_keep_their_records_apart() -> None:
+    """Examples sharing ./usage.db counted each other's rows: each names its own default."""
+    defaults = {}
+    for path in EXAMPLES.glob("*.py"):
+        text = path.read_text()
+        assert "UsageTracker()" not in text and "UsageTracker(budgets" not in text, path.name
+        if "sqlite:///" in text:
+            defaults[path.name] = text.split("sqlite:///")[1].split('"')[0]
+    assert len(set(defaults.values())) == len(defaults) >= 5
+    assert "usage.db" not in defaults.values()

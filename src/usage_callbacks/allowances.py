@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from usage_callbacks.budgets import Budget, BudgetWarning
+from usage_callbacks.budgets import Budget, BudgetWarning, describe_failure
 from usage_callbacks.store.ledger import (
     BudgetLedger,
     Charge,
@@ -319,9 +319,11 @@ class BudgetAllowances:
                 return
             try:
                 self._renew(leases, now, slices=False, keep_spare=False)
-            except Exception:
+            except Exception as error:  # the holds expire on their own; say why, not the SQL
                 logger.warning(
-                    "returning the holds of budget %s failed", budget.label, exc_info=True
+                    "returning the holds of budget %s failed (%s)",
+                    budget.label,
+                    describe_failure(error),
                 )
                 return
             for lease in leases:
@@ -346,8 +348,10 @@ class BudgetAllowances:
             return []
         try:
             renewal = self._renew(leases, now, slices=keep_slice, keep_spare=keep_slice)
-        except Exception:
-            logger.warning("booking spend against budgets failed; will retry", exc_info=True)
+        except Exception as error:  # retried at the next sync; say why, not the SQL
+            logger.warning(
+                "booking spend against budgets failed (%s); will retry", describe_failure(error)
+            )
             return []
         return renewal.warnings
 

@@ -1,8 +1,9 @@
 """The offline demo behind ``usage-callbacks demo``: real framework calls, fake models.
 
 It drives LangChain and LlamaIndex (when installed) through the library's handlers and
-sessions, records into the default SQLite ledger, trips a per-user budget, and prints a
-summary. Models are the frameworks' own fakes, so it needs no network and no API key.
+sessions, records into a fresh SQLite file (or ``--db``), trips the budget of alice's
+session, and prints what this run recorded. Models are the frameworks' own fakes, so it
+needs no network and no API key, and every run tells the same story.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+import tempfile
+import uuid
+from datetime import datetime, timezone
 from decimal import Decimal
+from pathlib import Path
 
-from usage_callbacks import Budget, BudgetExceededError, TokenUsage, UsageSummary, UsageTracker
-from usage_callbacks.store import resolve_url
+from usage_callbacks import BudgetExceededError, TokenUsage, UsageSummary, UsageTracker
+
+#: alice's demo session may spend this much: her fourth question does not fit. Each call
+#: reserves its prompt plus 256 output tokens (fake models have no max_tokens) first.
+ALICE_SESSION_USD = Decimal("0.0006")
 
 QUESTIONS = (
     "What does usage-callbacks record for each call?",
@@ -56,13 +64,15 @@ def _langchain_calls(tracker: UsageTracker) -> None:
         )
     )
     alice = UsageCallbackHandler(tracker, user_id="alice", tags=["demo"])
-    for question in (*QUESTIONS, "One more, please."):
-        try:
-            answer = model.invoke(question, config={"callbacks": [alice]})
-        except BudgetExceededError as refused:
-            print(f"  langchain  alice  refused before the call: {refused}")
-            continue
-        print(f"  langchain  alice  {question[:44]:<44} -> {str(answer.content)[:40]}...")
+    name = f"alice-{uuid.uuid4().hex[:8]}"
+    with tracker.session(name, user_id="alice", max_cost_usd=ALICE_SESSION_USD):
+        for question in (*QUESTIONS, "One more, please."):
+            try:
+                answer = model.invoke(question, config={"callbacks": [alice]})
+            except BudgetExceededError as refused:
+                print(f"  langchain  alice  refused before the call: {refused}")
+                continue
+            print(f"  langchain  alice  {question[:44]:<44} -> {str(answer.content)[:40]}...")
 
 
 def _llamaindex_calls(tracker: UsageTracker) -> None:
@@ -85,9 +95,9 @@ def _llamaindex_calls(tracker: UsageTracker) -> None:
         Document(text="Budgets are checked before the provider is called."),
         Document(text="The ledger lives in SQLite or PostgreSQL through SQLModel."),
     ]
-    with tracker.session("rag-demo", user_id="bob") as session:
+    with tracker.session(f"rag-{uuid.uuid4().hex[:8]}", user_id="bob") as session:
         index = VectorStoreIndex.from_documents(documents)
-        answer = index.as_query_engine(similarity_top_k=2).query(QUESTIONS[1])
+        answer = index.as_query_engine(similarity_top_k=len(documents)).query(QUESTIONS[1])
     print(f"  llamaindex bob    RAG query -> {str(answer)[:40]!r}")
     print(
         f"  session {session.session_id}: {session.calls} calls, "
@@ -122,23 +132,23 @@ def print_summary(summary: UsageSummary) -> None:
 
 
 def main(url: str | None = None) -> int:
-    url = resolve_url(url)
+    """Record the demo into ``url``, or into a fresh database of its own."""
+    if url is None:
+        folder = Path(tempfile.mkdtemp(prefix="usage-callbacks-demo-"))
+        url = f"sqlite:///{folder / 'usage.db'}"
     # LangChain logs every exception a handler raises, the refusals included.
     logging.getLogger("langchain_core.callbacks.manager").setLevel(logging.ERROR)
-    # alice may spend $0.0006 a day: her fourth question does not fit (nor, on later
-    # runs of the demo the same day, her first). Each call reserves its prompt plus 256
-    # output tokens (fake models have no max_tokens) before it runs.
-    budget = Budget(limit_usd=Decimal("0.0006"), per="user", period="day", name="demo-daily")
-    with UsageTracker(url, budgets=[budget], durable=True, default_output_allowance=256) as tracker:
+    started = datetime.now(timezone.utc)
+    with UsageTracker(url, durable=True, default_output_allowance=256) as tracker:
         print(f"usage-callbacks demo: recording into {url}")
         if importlib.util.find_spec("langchain_core"):
             _langchain_calls(tracker)
         if importlib.util.find_spec("llama_index.core"):
             _llamaindex_calls(tracker)
         _manual_calls(tracker)
-        print("\nWhat the ledger holds (all runs of the demo so far):")
-        print_summary(tracker.summary(group_by="model"))
-    print("\nMore: usage-callbacks summary --by user | usage-callbacks report --out usage.html")
+        print("\nWhat this run recorded:")
+        print_summary(tracker.summary(group_by="model", since=started))
+    print(f"\nMore: usage-callbacks summary --db {url} --by user")
     return 0
 
 

@@ -7,13 +7,13 @@ no network, so it opens anywhere, including from an e-mail attachment.
 from __future__ import annotations
 
 import html
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
 
-from usage_callbacks.store.base import DailyUsage, GroupBy, UsageFilter, UsageSummary
+from usage_callbacks.store.base import DailyUsage, GroupBy, UsageFilter, UsageStore, UsageSummary
 from usage_callbacks.store.models import UsageRecord
-from usage_callbacks.tracker import UsageTracker
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f")
 TOKEN_KINDS = (
@@ -38,15 +38,26 @@ class ReportData:
     breakdown: UsageSummary | None = None
 
 
-def gather(tracker: UsageTracker, where: UsageFilter, by: GroupBy | None = None) -> ReportData:
-    tracker.flush()
+def gather(store: UsageStore, where: UsageFilter, by: GroupBy | None = None) -> ReportData:
+    """Read what a report shows (a tracker's records reach it after ``flush()``)."""
     return ReportData(
-        overall=tracker.store.summary(where, None),
-        by_model=tracker.store.summary(where, "model"),
-        daily=tracker.store.daily_by_model(where),
-        latest=tracker.store.records(where, limit=10, newest_first=True),
-        breakdown=tracker.store.summary(where, by) if by else None,
+        overall=store.summary(where, None),
+        by_model=store.summary(where, "model"),
+        daily=store.daily_by_model(where),
+        latest=store.records(where, limit=10, newest_first=True),
+        breakdown=store.summary(where, by) if by else None,
     )
+
+
+def cell(value: object) -> str:
+    """A value as one Markdown table cell: ``|`` cannot end the cell, ``<`` and ``&``
+    cannot start markup, a newline cannot end the row."""
+    text = " ".join(str(value).splitlines())
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
+
+
+#: A cell boundary: a ``|`` that cell() did not escape.
+_CELL_BORDER = re.compile(r"(?<!\\)\|")
 
 
 def _usd(value: Decimal) -> str:
@@ -107,8 +118,9 @@ def markdown(data: ReportData) -> str:
     ]
     for record in data.latest:
         lines.append(
-            f"| {record.ended_at:%Y-%m-%d %H:%M:%S} | {record.model or '-'} | "
-            f"{record.user_id or '-'} | {record.session_id or '-'} | {record.prompt_tokens:,} | "
+            f"| {record.ended_at:%Y-%m-%d %H:%M:%S} | {cell(record.model or '-')} | "
+            f"{cell(record.user_id or '-')} | {cell(record.session_id or '-')} | "
+            f"{record.prompt_tokens:,} | "
             f"{record.completion_tokens:,} | {record.embedding_tokens:,} | "
             f"{_usd(record.cost_estimate_usd)} | {record.status} |"
         )
@@ -129,7 +141,7 @@ def _cost_table(summary: UsageSummary, total_cost: Decimal) -> list[str]:
         group, indent = rows.pop(0)
         cost = group.usage.cost_estimate_usd
         lines.append(
-            f"| {indent}{group.key or 'unknown'} | {group.calls:,} | {group.usage.total:,} | "
+            f"| {indent}{cell(group.key or 'unknown')} | {group.calls:,} | {group.usage.total:,} | "
             f"{_usd(cost)} | {_per_1k(cost, group.usage.total)} | "
             f"{cost / (total_cost or Decimal(1)):.1%} |"
         )
@@ -222,7 +234,7 @@ def _markdown_table_to_html(markdown_text: str) -> str:
         if rows:
             head, *body = rows
             out.append("<table><thead><tr>")
-            out.extend(f"<th>{html.escape(cell)}</th>" for cell in head)
+            out.extend(f"<th>{html.escape(text)}</th>" for text in head)
             out.append("</tr></thead><tbody>")
             for cells in body:
                 out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -231,8 +243,11 @@ def _markdown_table_to_html(markdown_text: str) -> str:
 
     for line in markdown_text.splitlines():
         if line.startswith("|"):
-            cells = [cell.strip() for cell in line.strip("|").split("|")]
-            if not all(set(cell) <= set(":-") for cell in cells):
+            cells = [
+                html.unescape(text.strip().replace("\\|", "|"))
+                for text in _CELL_BORDER.split(line.strip()[1:-1])
+            ]
+            if not all(set(text) <= set(":-") for text in cells):
                 rows.append(cells)
             continue
         flush_table()

@@ -164,6 +164,8 @@ class UsageTracker:
         self._budget_lock = threading.Lock()
         #: the charges of each call scope seen, until the budgets change
         self._charges_by_scope: dict[CallScope, tuple[Charge, ...]] = {}
+        if isinstance(budgets, Budget):
+            raise TypeError("budgets takes a list of budgets: budgets=[Budget(...)]")
         for budget in budgets:
             self.add_budget(budget)
         self._exporters: list[UsageExporter] = list(exporters)
@@ -206,8 +208,10 @@ class UsageTracker:
             self._charges_by_scope = {}
         try:
             self.store.ledger.register(budget)
-        except Exception:
-            logger.warning("could not save budget %s for readers", budget.label, exc_info=True)
+        except Exception as error:  # only readers (the CLI) miss it; say why, not the SQL
+            logger.warning(
+                "could not save budget %s for readers (%s)", budget.label, describe_failure(error)
+            )
 
     @property
     def budgets(self) -> list[Budget]:
@@ -635,8 +639,9 @@ class UsageTracker:
     def records(self, *, limit: int | None = None, **filters: Any) -> list[UsageRecord]:
         """Stored records; filters: user_id, session_id, model, provider, since, until,
         node, agent, thread_id, run_name, root_run_name, dimensions={key: value}."""
+        where = UsageFilter.of(**filters)
         self.flush()
-        return self.store.records(UsageFilter(**filters), limit)
+        return self.store.records(where, limit)
 
     def summary(self, group_by: GroupBy | None = None, **filters: Any) -> UsageSummary:
         """Totals, per-group totals and per-call token percentiles, aggregated in SQL.
@@ -645,8 +650,9 @@ class UsageTracker:
         run_name, root_run_name or dimension:<key>; two levels as ``"node,model"``
         (each group then holds its second-level ``groups``). Filters as for records().
         """
+        where = UsageFilter.of(**filters)
         self.flush()
-        return self.store.summary(UsageFilter(**filters), group_by)
+        return self.store.summary(where, group_by)
 
     def ingest(self, path: str | Path) -> int:
         """Store the records of a spill file (already stored ones are skipped)."""
@@ -660,8 +666,10 @@ class UsageTracker:
     def purge(self, before: datetime, **filters: Any) -> int:
         """Delete records that ended before ``before`` (and match the filters, as for
         records()); returns how many."""
+        before = _as_utc(before, "before")
+        where = UsageFilter.of(**filters)
         self.flush()
-        return self.store.purge(before, UsageFilter(**filters))
+        return self.store.purge(before, where)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -814,13 +822,18 @@ def _announce(warning: BudgetWarning) -> None:
 
 
 def _register_atexit(tracker: UsageTracker) -> Any:
-    """Flush at interpreter exit without keeping the tracker alive."""
+    """Flush (and checkpoint SQLite's log into the database file) at interpreter exit,
+    without keeping the tracker alive."""
     reference = weakref.ref(tracker)
 
     def flush_at_exit() -> None:
         alive = reference()
         if alive is not None and not alive._closed:
             alive.flush(timeout=10)
+            try:
+                alive.store.checkpoint()
+            except Exception as error:  # the interpreter is exiting: say so, never raise
+                logger.warning("checkpointing the database at exit failed (%s)", error)
 
     atexit.register(flush_at_exit)
     return flush_at_exit

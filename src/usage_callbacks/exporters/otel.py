@@ -17,25 +17,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from opentelemetry import metrics
-from opentelemetry.metrics import MeterProvider
-from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
-    GEN_AI_AGENT_NAME,
-    GEN_AI_CONVERSATION_ID,
-    GEN_AI_OPERATION_NAME,
-    GEN_AI_PROVIDER_NAME,
-    GEN_AI_REQUEST_MODEL,
-    GEN_AI_TOKEN_TYPE,
-    GEN_AI_WORKFLOW_NAME,
-    GenAiOperationNameValues,
-    GenAiTokenTypeValues,
-)
-from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
-    create_gen_ai_client_operation_duration,
-    create_gen_ai_client_token_usage,
-)
-from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.util.types import AttributeValue
+from usage_callbacks.extras import missing_extra
+
+try:
+    from opentelemetry import metrics
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+        GEN_AI_AGENT_NAME,
+        GEN_AI_CONVERSATION_ID,
+        GEN_AI_OPERATION_NAME,
+        GEN_AI_PROVIDER_NAME,
+        GEN_AI_REQUEST_MODEL,
+        GEN_AI_TOKEN_TYPE,
+        GEN_AI_WORKFLOW_NAME,
+        GenAiOperationNameValues,
+        GenAiTokenTypeValues,
+    )
+    from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
+        create_gen_ai_client_operation_duration,
+        create_gen_ai_client_token_usage,
+    )
+    from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+    from opentelemetry.util.types import AttributeValue
+except ModuleNotFoundError as error:  # say which extra installs it
+    raise missing_extra(error, "otel") from error
 
 from usage_callbacks.store.base import DIMENSION_PREFIX, group_levels
 from usage_callbacks.store.models import UsageRecord

@@ -29,11 +29,16 @@ from contextvars import ContextVar
 from typing import Any
 from uuid import UUID
 
-from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.embeddings import Embeddings
-from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import LLMResult
-from langchain_core.tracers.context import register_configure_hook
+from usage_callbacks.extras import missing_extra
+
+try:
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.embeddings import Embeddings
+    from langchain_core.messages import AIMessage, BaseMessage
+    from langchain_core.outputs import LLMResult
+    from langchain_core.tracers.context import register_configure_hook
+except ModuleNotFoundError as error:  # say which extra installs it
+    raise missing_extra(error, "langchain") from error
 
 from usage_callbacks.attribution import (
     NO_ATTRIBUTION,

@@ -39,23 +39,32 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from llama_index.core import Settings
-from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
-from llama_index.core.callbacks.base_handler import BaseCallbackHandler
-from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-from llama_index.core.instrumentation.events import BaseEvent
-from llama_index.core.instrumentation.events.embedding import EmbeddingEndEvent, EmbeddingStartEvent
-from llama_index.core.instrumentation.events.exception import ExceptionEvent
-from llama_index.core.instrumentation.events.llm import (
-    LLMChatEndEvent,
-    LLMChatInProgressEvent,
-    LLMChatStartEvent,
-    LLMCompletionEndEvent,
-    LLMCompletionInProgressEvent,
-    LLMCompletionStartEvent,
-)
-from llama_index.core.instrumentation.span import active_span_id
+from usage_callbacks.extras import missing_extra
+
+try:
+    from llama_index.core import Settings
+    from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
+    from llama_index.core.callbacks.base_handler import BaseCallbackHandler
+    from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events import BaseEvent
+    from llama_index.core.instrumentation.events.embedding import (
+        EmbeddingEndEvent,
+        EmbeddingStartEvent,
+    )
+    from llama_index.core.instrumentation.events.exception import ExceptionEvent
+    from llama_index.core.instrumentation.events.llm import (
+        LLMChatEndEvent,
+        LLMChatInProgressEvent,
+        LLMChatStartEvent,
+        LLMCompletionEndEvent,
+        LLMCompletionInProgressEvent,
+        LLMCompletionStartEvent,
+    )
+    from llama_index.core.instrumentation.span import active_span_id
+except ModuleNotFoundError as error:  # say which extra installs it
+    raise missing_extra(error, "llamaindex") from error
+
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from usage_callbacks.attribution import Dimensions, check_given_dimensions, merge_dimensions
@@ -439,6 +448,14 @@ class UsageCallbackHandler(BaseCallbackHandler):
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
         return (self.tracker,)
+
+    @property
+    def raise_error(self) -> bool:
+        """LangChain reads this of every handler it is given: this one is LlamaIndex's."""
+        raise TypeError(
+            "usage_callbacks.llamaindex.UsageCallbackHandler is the LlamaIndex handler; "
+            "give LangChain usage_callbacks.langchain.UsageCallbackHandler(tracker) instead"
+        )
 
     def start_trace(self, trace_id: str | None = None) -> None:
         return None

@@ -25,11 +25,12 @@ def resolve_url(url: str | None) -> str:
     return url or os.environ.get(URL_ENV) or DEFAULT_URL
 
 
-def open_store(url: str | None = None) -> SqlStore:
+def open_store(url: str | None = None, *, read_only: bool = False) -> SqlStore:
+    """The store at ``url``; ``read_only`` never creates or alters a database."""
     resolved = resolve_url(url)
     if resolved.startswith("memory://"):
         return MemoryStore()
-    return SqlStore(resolved)
+    return SqlStore(resolved, read_only=read_only)
 
 
 __all__ = [

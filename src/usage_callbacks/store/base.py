@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -76,10 +76,30 @@ class UsageFilter:
     def __post_init__(self) -> None:
         for name in ("since", "until"):
             value = getattr(self, name)
+            if value is not None and not isinstance(value, datetime):
+                raise TypeError(
+                    f"{name} takes a timezone-aware datetime, e.g. "
+                    f"datetime(2026, 1, 1, tzinfo=timezone.utc), not {value!r}"
+                )
             if value is not None and value.tzinfo is None:
                 raise ValueError(f"{name}={value!r} is naive; pass a timezone-aware datetime")
         if self.dimensions:
             check_dimension_keys(self.dimensions)
+        for name in ("user_id", "session_id", "model", "provider"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} takes a string, not {value!r}")
+
+    @classmethod
+    def of(cls, **filters: Any) -> UsageFilter:
+        """A filter from keyword arguments, an unknown name refused with the known ones."""
+        unknown = sorted(set(filters) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(
+                f"unknown filter {', '.join(unknown)}; filters are "
+                f"{', '.join(cls.__dataclass_fields__)}"
+            )
+        return cls(**filters)
 
 
 class TokenStats(BaseModel):
@@ -99,6 +119,8 @@ class GroupSummary(BaseModel):
     usage: TokenUsage
     calls: int
     errors: int = 0
+    #: calls with tokens but no known price: the cost leaves them out
+    unpriced_calls: int = 0
     stats: TokenStats
     first_call: datetime | None = None
     last_call: datetime | None = None
@@ -112,6 +134,7 @@ class UsageSummary(BaseModel):
     usage: TokenUsage = Field(default_factory=TokenUsage)
     calls: int = 0
     errors: int = 0
+    unpriced_calls: int = 0
     stats: TokenStats = Field(default_factory=TokenStats)
     period_start: datetime | None = None
     period_end: datetime | None = None

@@ -10,7 +10,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-from usage_callbacks.store.base import DailyUsage, GroupBy, UsageFilter, UsageSummary
+from usage_callbacks.store.base import (
+    DailyUsage,
+    GroupBy,
+    UsageFilter,
+    UsageSummary,
+)
 from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.store.sql import SqlStore
 

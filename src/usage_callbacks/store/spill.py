@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from usage_callbacks.files import open_private
 from usage_callbacks.store.models import UsageRecord
 
 logger = logging.getLogger("usage_callbacks")
@@ -39,8 +40,8 @@ class SpillFile:
     def append(self, records: Iterable[UsageRecord]) -> int:
         lines = [record.model_dump_json() + "\n" for record in records]
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open_private(self.path, append=True) as handle:
                 handle.writelines(lines)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -59,6 +60,19 @@ class SpillFile:
             return count
 
 
+#: Fields every record has carried since the first release: an object without them is
+#: not a usage record (every other field has a default, so ``{}`` would validate).
+RECORD_KEYS = ("id", "started_at", "ended_at", "total_tokens", "cost_estimate_usd")
+
+
+def parse_record(line: str) -> UsageRecord:
+    """One spill-file line as a record; ValueError when it is not one."""
+    data = json.loads(line)
+    if not isinstance(data, dict) or not all(key in data for key in RECORD_KEYS):
+        raise ValueError(f"not a usage record (a record has {', '.join(RECORD_KEYS)})")
+    return UsageRecord.model_validate(data)
+
+
 def read_records(path: Path) -> Iterator[UsageRecord]:
     """Records of a spill file; malformed lines are logged and skipped."""
     with path.open(encoding="utf-8") as handle:
@@ -66,7 +80,7 @@ def read_records(path: Path) -> Iterator[UsageRecord]:
             if not line.strip():
                 continue
             try:
-                yield UsageRecord.model_validate(json.loads(line))
+                yield parse_record(line)
             except (ValueError, TypeError) as error:
                 logger.warning("%s:%d: skipping malformed record (%s)", path, number, error)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,6 +20,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, select
 
 from usage_callbacks.attribution import check_dimension_keys
+from usage_callbacks.files import create_private
 from usage_callbacks.store.base import (
     DIMENSION_PREFIX,
     GROUP_COLUMNS,
@@ -38,7 +41,7 @@ from usage_callbacks.store.models import (
     pico_to_usd,
 )
 from usage_callbacks.store.sqlite_insert import SqliteBulkInsert
-from usage_callbacks.usage import TokenUsage
+from usage_callbacks.usage import MAX_TOKENS_PER_CALL, TokenUsage
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -75,12 +78,23 @@ _PG_TIMEOUTS: dict[str, Any] = {
 _PG_POOL_TIMEOUT_S = 10
 
 
-def create_engine_for(url: str) -> Engine:
-    """An engine tuned for the ledger: WAL + busy timeout on SQLite, pre-ping on servers."""
+class _BadRows(Exception):
+    """Some stored rows break TokenUsage's rules (or their sums overflow SQLite's integers)."""
+
+
+def create_engine_for(url: str, *, read_only: bool = False) -> Engine:
+    """An engine tuned for the ledger: WAL + busy timeout on SQLite, pre-ping on servers.
+
+    ``read_only`` engines never write: SQLite connections are ``query_only`` (no file
+    created, no WAL switch), PostgreSQL sessions default to read-only transactions.
+    """
     if url.startswith("memory://"):
         # One shared in-memory connection; the store serializes access to it.
         engine = sa.create_engine(
-            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+            "sqlite://",
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+            hide_parameters=True,
         )
     else:
         try:
@@ -100,24 +114,51 @@ def create_engine_for(url: str) -> Engine:
             }
         if parsed.get_backend_name() == "sqlite":
             kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+            path = parsed.database
+            if path and path != ":memory:":
+                if read_only:
+                    kwargs["creator"] = _read_only_sqlite(path)
+                else:
+                    create_private(Path(path))
+        elif read_only and parsed.get_backend_name() == "postgresql":
+            kwargs["connect_args"]["options"] = "-c default_transaction_read_only=on"
         try:
-            engine = sa.create_engine(parsed, **kwargs)
+            # errors never quote the values (user ids, sessions) they failed with
+            engine = sa.create_engine(parsed, hide_parameters=True, **kwargs)
         except (ImportError, sa.exc.NoSuchModuleError) as error:
             raise StoreConfigurationError(
                 f"cannot open {url!r}: {error}. For PostgreSQL install "
                 "`usage-callbacks[postgres]` and use postgresql+psycopg://..."
             ) from error
     if engine.dialect.name == "sqlite":
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        sa.event.listen(engine, "connect", _sqlite_busy_timeout if read_only else _sqlite_pragmas)
         # pysqlite's implicit transactions break BEGIN IMMEDIATE; take control of them.
         sa.event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _read_only_sqlite(path: str) -> Any:
+    """A connection factory for reading ``path``: never creates the file (``mode=rw``),
+    and ``query_only`` refuses every write. Not ``mode=ro``: a read-only connection
+    cannot remove the -wal and -shm files it opens beside a WAL database."""
+    uri = f"{Path(path).resolve().as_uri()}?mode=rw"
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
+        connection.execute("PRAGMA query_only=ON")
+        return connection
+
+    return connect
+
+
+def _sqlite_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
+    dbapi_connection.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_busy_timeout(dbapi_connection, record)
     cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -134,11 +175,15 @@ class SqlStore:
     #: Serializes access where the backend cannot (the shared in-memory connection).
     lock: AbstractContextManager[object] = nullcontext()
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url
-        self.engine = create_engine_for(url)
+        self.read_only = read_only
+        self.engine = create_engine_for(url, read_only=read_only)
         self.dialect = self.engine.dialect.name
-        self._ensure_schema()
+        if read_only:
+            self._check_schema()
+        else:
+            self._ensure_schema()
         self.ledger = BudgetLedger(self.engine, self.lock)
         self._bulk_insert = (
             SqliteBulkInsert(self.engine.dialect) if self.dialect == "sqlite" else None
@@ -168,6 +213,37 @@ class SqlStore:
             raise StoreConfigurationError(
                 f"cannot use {self._safe_url()} as a usage database: {error.orig}"
             ) from error
+
+    def _check_schema(self) -> None:
+        """A read-only store opens only a usage database this version reads as it is."""
+        try:
+            with self.engine.connect() as connection:
+                inspector = sa.inspect(connection)
+                missing = [
+                    table.name
+                    for table in SQLModel.metadata.sorted_tables
+                    if not inspector.has_table(table.name)
+                ]
+                if "usage_records" in missing:
+                    raise StoreConfigurationError(
+                        f"{self._safe_url()} is not a usage-callbacks database (no usage_records)"
+                    )
+                schema = SchemaInfo.__table__  # type: ignore[attr-defined]
+                version = connection.execute(sa.select(schema.c.version)).scalar()
+        except sa.exc.DatabaseError as error:
+            raise StoreConfigurationError(
+                f"cannot use {self._safe_url()} as a usage database: {error.orig}"
+            ) from error
+        if version is not None and version > SCHEMA_VERSION:
+            raise SchemaTooNewError(
+                f"{self._safe_url()} holds usage-callbacks schema v{version}; "
+                f"this version reads v{SCHEMA_VERSION}. Upgrade usage-callbacks."
+            )
+        if missing or version != SCHEMA_VERSION:
+            raise StoreConfigurationError(
+                f"{self._safe_url()} was written by an older usage-callbacks; open it once "
+                "with UsageTracker (which upgrades it) before reading it here"
+            )
 
     def _migrate(self, connection: sa.Connection) -> None:
         had_records = sa.inspect(connection).has_table("usage_records")
@@ -239,6 +315,12 @@ class SqlStore:
     def _dimension_column(self, key: str) -> sa.ColumnElement[Any]:
         return sa.literal_column(f"({self._dimension_sql(key)})", sa.String)
 
+    def stored_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored already."""
+        column = UsageRecord.__table__.c.id  # type: ignore[attr-defined]
+        with self.lock, self.engine.connect() as connection:
+            return set(connection.execute(sa.select(column).where(column.in_(ids))).scalars())
+
     def purge(self, before: datetime, where: UsageFilter | None = None) -> int:
         table = UsageRecord.__table__  # type: ignore[attr-defined]
         statement = self._where(sa.delete(table), where or UsageFilter())
@@ -262,29 +344,30 @@ class SqlStore:
 
     def daily_by_model(self, where: UsageFilter) -> list[DailyUsage]:
         """Spend and tokens per UTC day and model, for charts."""
+        try:
+            return self._daily_by_model(where, checked=False)
+        except _BadRows:
+            self._warn_bad_rows(where)
+            return self._daily_by_model(where, checked=True)
+
+    def _daily_by_model(self, where: UsageFilter, *, checked: bool) -> list[DailyUsage]:
         c = UsageRecord.__table__.c  # type: ignore[attr-defined]
         day = self._group_column("day")
         query = (
             self._where(
-                sa.select(
-                    day,
-                    c.model,
-                    sa.func.sum(sa.type_coerce(c.cost_estimate_usd, sa.BigInteger)).label("pico"),
-                    *(sa.func.sum(c[name]).label(name) for name in _SUMMED[:-1]),
-                ),
-                where,
+                sa.select(day, c.model, *_sum_columns(wide=checked)[1:-5]), where, checked=checked
             )
             .group_by(day, c.model)
             .order_by(day, c.model)
         )
-        with self.engine.connect() as connection:
+        with _overflow_is_bad_rows(), self.engine.connect() as connection:
             return [
                 DailyUsage(
-                    day=str(row["group_key"]),
-                    model=row["model"] or "unknown",
-                    usage=_summed_usage(row, "pico", estimated=False),
+                    day=str(row[0]),
+                    model=row[1] or "unknown",
+                    usage=_summed_usage(row[2:], checked=checked),
                 )
-                for row in connection.execute(query).mappings()
+                for row in connection.execute(query)
             ]
 
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
@@ -298,8 +381,12 @@ class SqlStore:
                 session.expunge(record)
                 yield record
 
-    def _where(self, statement: Any, where: UsageFilter) -> Any:
+    def _where(self, statement: Any, where: UsageFilter, *, checked: bool = False) -> Any:
+        """``statement`` narrowed to ``where``; ``checked`` also leaves out rows that break
+        TokenUsage's rules (slow: only once a read found such rows)."""
         columns = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        if checked:
+            statement = statement.where(_valid_row())
         for name in _FILTER_COLUMNS:
             value = getattr(where, name)
             if value is not None:
@@ -341,7 +428,11 @@ class SqlStore:
         in the same query; the first level's groups are folded from the second's.
         """
         levels = group_levels(group_by)
-        groups, histograms = self._grouped(where, levels)
+        try:
+            groups, histograms = self._grouped(where, levels, checked=False)
+        except _BadRows:
+            self._warn_bad_rows(where)
+            groups, histograms = self._grouped(where, levels, checked=True)
         name = ",".join(levels) or None
         if not groups:
             return UsageSummary(group_by=name)
@@ -356,26 +447,50 @@ class SqlStore:
             usage=usage,
             calls=calls,
             errors=sum(group.errors for group in groups),
+            unpriced_calls=sum(group.unpriced_calls for group in groups),
             stats=_token_stats(list(merged.items()), calls, usage.total),
             period_start=min(g.first_call for g in groups if g.first_call),
             period_end=max(g.last_call for g in groups if g.last_call),
             groups=groups if levels else [],
         )
 
+    def _warn_bad_rows(self, where: UsageFilter) -> None:
+        """Say how many stored rows a read leaves out, and why."""
+        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        query = self._where(sa.select(sa.func.count()).select_from(table), where).where(
+            sa.not_(_valid_row())
+        )
+        with self.engine.connect() as connection:
+            skipped = int(connection.execute(query).scalar_one())
+        if not skipped:
+            return  # only the sums were too large for SQLite's integers: read again wide
+        logger.warning(
+            "%s: leaving out %d stored record(s) with negative, non-integer or inconsistent "
+            "token counts or cost (written by hand or by another program); the totals "
+            "cover the other records",
+            self._safe_url(),
+            skipped,
+        )
+
     def _grouped(
-        self, where: UsageFilter, levels: tuple[str, ...]
+        self, where: UsageFilter, levels: tuple[str, ...], *, checked: bool
     ) -> tuple[list[GroupSummary], list[list[tuple[int, int]]]]:
         """Groups (largest cost first) with their histograms of per-call totals.
 
         Percentiles come from the histogram (one row per distinct total per group), which
         is several times faster than ranking every row with window functions.
         """
-        if self.dialect == "sqlite":
-            sums, histograms = self._sqlite_group_rows(where, levels)
-        else:
-            sums, histograms = self._server_group_rows(where, levels)
+        with _overflow_is_bad_rows():
+            if self.dialect == "sqlite":
+                sums, histograms = self._sqlite_group_rows(where, levels, checked)
+            else:
+                sums, histograms = self._server_group_rows(where, levels, checked)
+
+        def fold(key: Any, rows: list[Sequence[Any]], histogram: list[tuple[int, int]]) -> Any:
+            return _fold_group(key, rows, histogram, checked=checked)
+
         if len(levels) < 2:
-            pairs = [_fold_group(key[0], rows, histograms[key]) for key, rows in sums.items()]
+            pairs = [fold(key[0], rows, histograms[key]) for key, rows in sums.items()]
             return _largest_first(pairs)
         outer_rows: dict[Any, list[Sequence[Any]]] = {}
         outer_histograms: dict[Any, list[tuple[int, int]]] = {}
@@ -383,15 +498,17 @@ class SqlStore:
         for (outer, key), rows in sums.items():
             outer_rows.setdefault(outer, []).extend(rows)
             outer_histograms.setdefault(outer, []).extend(histograms[(outer, key)])
-            inner.setdefault(outer, []).append(_fold_group(key, rows, histograms[(outer, key)]))
+            inner.setdefault(outer, []).append(fold(key, rows, histograms[(outer, key)]))
         pairs = []
         for outer, rows in outer_rows.items():
-            summary, histogram = _fold_group(outer, rows, outer_histograms[outer])
+            summary, histogram = fold(outer, rows, outer_histograms[outer])
             summary.groups = _largest_first(inner[outer])[0]
             pairs.append((summary, histogram))
         return _largest_first(pairs)
 
-    def _sqlite_group_rows(self, where: UsageFilter, levels: tuple[str, ...]) -> _GroupRows:
+    def _sqlite_group_rows(
+        self, where: UsageFilter, levels: tuple[str, ...], checked: bool
+    ) -> _GroupRows:
         """One pass grouped by (total_tokens, group) carries every sum.
 
         SQLite sorts every row for a GROUP BY; two passes (sums, then histogram) paid
@@ -400,9 +517,9 @@ class SqlStore:
         c = UsageRecord.__table__.c  # type: ignore[attr-defined]
         groups = self._group_columns(levels)
         width = len(groups)
-        query = self._where(sa.select(*groups, *_sum_columns(), c.total_tokens), where).group_by(
-            c.total_tokens, *groups
-        )
+        query = self._where(
+            sa.select(*groups, *_sum_columns(wide=checked), c.total_tokens), where, checked=checked
+        ).group_by(c.total_tokens, *groups)
         sums: dict[Any, list[Sequence[Any]]] = {}
         histograms: dict[Any, list[tuple[int, int]]] = {}
         for rows in self._fetch_grouped_rows(query, where):
@@ -412,15 +529,19 @@ class SqlStore:
                 histograms.setdefault(key, []).append((int(row[-1]), int(row[width])))
         return sums, histograms
 
-    def _server_group_rows(self, where: UsageFilter, levels: tuple[str, ...]) -> _GroupRows:
+    def _server_group_rows(
+        self, where: UsageFilter, levels: tuple[str, ...], checked: bool
+    ) -> _GroupRows:
         """Sums per group, then a histogram: PostgreSQL hashes both, whereas one pass
         carrying the sums per (total_tokens, group) sorted (and spilled) instead."""
         c = UsageRecord.__table__.c  # type: ignore[attr-defined]
         groups = self._group_columns(levels)
         width = len(groups)
-        sums_query = self._where(sa.select(*groups, *_sum_columns()), where).group_by(*groups)
+        sums_query = self._where(
+            sa.select(*groups, *_sum_columns(wide=checked)), where, checked=checked
+        ).group_by(*groups)
         histogram_query = self._where(
-            sa.select(*groups, c.total_tokens, sa.func.count()), where
+            sa.select(*groups, c.total_tokens, sa.func.count()), where, checked=checked
         ).group_by(*groups, c.total_tokens)
         histograms: dict[Any, list[tuple[int, int]]] = {}
         with self.engine.connect() as connection:
@@ -496,6 +617,15 @@ class SqlStore:
         query = self._where(sa.select(sa.func.count()).select_from(table), period)
         return int(connection.execute(query).scalar_one())
 
+    def checkpoint(self) -> None:
+        """Copy SQLite's write-ahead log into the database file, so that the file alone
+        holds every record (a copy of usage.db without usage.db-wal had none of a
+        script's rows when it never closed its tracker). Nothing to do elsewhere."""
+        if self.dialect != "sqlite" or self.read_only or self.url.startswith("memory://"):
+            return
+        with self.lock, self.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -525,38 +655,78 @@ def _largest_first(
     return [summary for summary, _ in pairs], [histogram for _, histogram in pairs]
 
 
-def _sum_columns() -> list[sa.ColumnElement[Any]]:
-    """calls, the usage sums, any estimated, errors, first and last call.
+#: ``wide`` sums split the pico-USD cost here: thirteen calls of 10^12 tokens overflow
+#: SQLite's 64-bit sum, and the split parts stay far from it.
+_WIDE_SPLIT = 10**6
+
+
+def _sum_columns(*, wide: bool = False) -> list[sa.ColumnElement[Any]]:
+    """calls, the usage sums (cost as integer pico-USD, or its two ``wide`` parts), any
+    estimated, errors, unpriced calls, first and last call.
 
     first/last come back as stored (text on SQLite), not parsed for every row.
     """
     c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+    # sum exact integer pico-USD, not the Decimal the column type returns
+    pico = sa.type_coerce(c.cost_estimate_usd, sa.BigInteger)
+    cost = (
+        [sa.func.sum(pico // _WIDE_SPLIT), sa.func.sum(pico % _WIDE_SPLIT)]
+        if wide
+        else [sa.func.sum(pico)]
+    )
     return [
         sa.func.count(),
         *(sa.func.sum(c[name]) for name in _SUMMED[:-1]),
-        # sum exact integer pico-USD, not the Decimal the column type returns
-        sa.func.sum(sa.type_coerce(c.cost_estimate_usd, sa.BigInteger)),
+        *cost,
         sa.func.max(sa.case((c.estimated, 1), else_=0)),
         sa.func.sum(sa.case((c.status != "ok", 1), else_=0)),
+        # calls that used tokens at no known price (their cost is 0, not free)
+        sa.func.sum(sa.case((sa.and_(sa.not_(c.cost_known), c.total_tokens > 0), 1), else_=0)),
         sa.type_coerce(sa.func.min(c.ended_at), sa.String),
         sa.type_coerce(sa.func.max(c.ended_at), sa.String),
     ]
 
 
+def _valid_row() -> sa.ColumnElement[bool]:
+    """A stored row TokenUsage would accept (counts are checked when recorded; a row
+    written by hand, by another program or by an older version may not be)."""
+    c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+    counts = [c[name] for name in _SUMMED[:-1]]
+    rules = [sa.and_(count >= 0, count <= MAX_TOKENS_PER_CALL) for count in counts]
+    rules += [
+        *(count == sa.cast(count, sa.BigInteger) for count in counts),  # no fractions
+        c.total_tokens == c.prompt_tokens + c.completion_tokens + c.embedding_tokens,
+        c.cache_read_tokens + c.cache_write_tokens <= c.prompt_tokens,
+        c.reasoning_tokens <= c.completion_tokens,
+        sa.type_coerce(c.cost_estimate_usd, sa.BigInteger) >= 0,
+    ]
+    return sa.and_(*rules)
+
+
+@contextmanager
+def _overflow_is_bad_rows() -> Iterator[None]:
+    """SQLite's integer sum overflowing: read again with wide sums."""
+    try:
+        yield
+    except sa.exc.OperationalError as error:
+        if "integer overflow" not in str(error.orig):
+            raise
+        raise _BadRows() from error
+
+
 def _fold_group(
-    key: Any, rows: list[Sequence[Any]], histogram: list[tuple[int, int]]
+    key: Any, rows: list[Sequence[Any]], histogram: list[tuple[int, int]], *, checked: bool
 ) -> tuple[GroupSummary, list[tuple[int, int]]]:
     """One group's summary from its rows of (*_sum_columns(), ...); columns are
     summed by builtins, not row by row (100k rows per run grouping 1M calls by user)."""
     calls, *columns = zip(*rows, strict=True)
-    width = len(_SUMMED)
-    estimated, errors, first, last = columns[width : width + 4]
+    width = len(_SUMMED) + checked  # the wide cost is two columns
+    estimated, errors, unpriced, first, last = columns[width : width + 5]
+    if not checked and histogram and min(histogram)[0] < 0:
+        raise _BadRows()
     usage = _summed_usage(
-        {
-            name: sum(filter(None, column))
-            for name, column in zip(_SUMMED, columns[:width], strict=True)
-        },
-        "cost_estimate_usd",
+        [sum(filter(None, column)) for column in columns[:width]],
+        checked=checked,
         estimated=any(estimated),
     )
     total_calls = int(sum(calls))
@@ -565,6 +735,7 @@ def _fold_group(
         usage=usage,
         calls=total_calls,
         errors=int(sum(filter(None, errors))),
+        unpriced_calls=int(sum(filter(None, unpriced))),
         stats=_token_stats(histogram, total_calls, usage.total),
         # text on SQLite, whose fixed-width timestamps compare in time order
         first_call=_aware(min(filter(None, first), default=None)),
@@ -584,11 +755,23 @@ def _available_cpus() -> int:
 _SUMMED = USAGE_COLUMNS[: USAGE_COLUMNS.index("cost_estimate_usd") + 1]
 
 
-def _summed_usage(row: Any, pico_column: str, *, estimated: bool) -> TokenUsage:
-    """A TokenUsage from a row of SQL sums (integer pico-USD for the cost)."""
-    counts: dict[str, Any] = {name: int(row[name] or 0) for name in _SUMMED[:-1]}
+def _summed_usage(sums: Sequence[Any], *, checked: bool, estimated: bool = False) -> TokenUsage:
+    """A TokenUsage from SQL sums in _SUMMED order, the cost as integer pico-USD (in its
+    two wide parts when ``checked``). Sums that no set of valid rows adds up to raise
+    _BadRows, unless the rows were ``checked`` already."""
+    counts: dict[str, Any] = {
+        name: int(value or 0) for name, value in zip(_SUMMED[:-1], sums, strict=False)
+    }
+    pico = int(sums[-2] or 0) * _WIDE_SPLIT + int(sums[-1] or 0) if checked else sums[-1]
+    if not checked and (
+        any(type(value) is float for value in sums)  # a fraction stored in a count
+        or min(*counts.values(), pico or 0) < 0
+        or counts["total_tokens"]
+        != counts["prompt_tokens"] + counts["completion_tokens"] + counts["embedding_tokens"]
+    ):
+        raise _BadRows()
     return TokenUsage.model_construct(
-        **counts, cost_estimate_usd=pico_to_usd(row[pico_column]), estimated=estimated
+        cost_estimate_usd=pico_to_usd(int(pico or 0)), estimated=estimated, **counts
     )
 
 
