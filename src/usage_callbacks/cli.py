@@ -246,29 +246,44 @@ def _print_table(
     *,
     optional: Sequence[Sequence[str]] = (),
     total_row: Sequence[str] | None = None,
+    note: str = "",
 ) -> None:
-    """A table whose first column is a label (folded, never cut) and the rest values; the
-    ``optional`` column groups are left out, in order, until the table fits the width."""
+    """A table whose first column is a label (folded, never cut) and the rest values (never
+    cut); the ``optional`` column groups are left out, in order, until it fits the width."""
     from rich import box
     from rich.table import Table
 
     console = _console(out)
+    every = [*rows, *([total_row] if total_row is not None else [])]
+    widths = [
+        max([len(name), *(len(row[index]) for row in every)]) for index, name in enumerate(columns)
+    ]
+    label_width = min(widths[0], _LABEL_MIN_WIDTH)
     hidden: set[str] = set()
     for drop in ((), *optional):
         hidden.update(drop)
         keep = [index for index, name in enumerate(columns) if name not in hidden]
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-        table.add_column(columns[0], overflow="fold")
-        for index in keep[1:]:
-            table.add_column(columns[index], justify="right", no_wrap=True)
-        for number, row in enumerate(rows):
-            last = number == len(rows) - 1 and total_row is not None
-            table.add_row(*(row[index] for index in keep), end_section=last)
-        if total_row is not None:
-            table.add_row(*(total_row[index] for index in keep))
-        if console.measure(table).maximum <= console.width:
+        needed = label_width + sum(widths[index] + _COLUMN_GAP for index in keep[1:])
+        if needed <= console.width:
             break
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column(columns[0], overflow="fold", min_width=label_width)
+    for index in keep[1:]:
+        table.add_column(columns[index], justify="right", no_wrap=True, min_width=widths[index])
+    for number, row in enumerate(rows):
+        last = number == len(rows) - 1 and total_row is not None
+        table.add_row(*(row[index] for index in keep), end_section=last)
+    if total_row is not None:
+        table.add_row(*(total_row[index] for index in keep))
     console.print(table)
+    if note:
+        console.print(note)
+
+
+#: A label column folds down to this width at the least; every other column gets a gap
+#: of this many spaces.
+_LABEL_MIN_WIDTH = 16
+_COLUMN_GAP = 2
 
 
 def cost_text(cost: Decimal, calls: int, unpriced: int) -> str:
@@ -299,13 +314,11 @@ def cmd_summary(args: argparse.Namespace, out: IO[str]) -> int:
         rows,
         optional=[("first call", "last call"), ("p50", "p95", "p99"), ("embed", "compl.")],
         total_row=_summary_cells("TOTAL", summary),
+        note=f"{summary.unpriced_calls:,} calls have no known price: their cost is not in the "
+        "totals (≥); pass prices= to UsageTracker to price them"
+        if summary.unpriced_calls
+        else "",
     )
-    if summary.unpriced_calls:
-        print(
-            f"{summary.unpriced_calls:,} calls have no known price: their cost is not in the "
-            "totals (≥); pass prices= to UsageTracker to price them",
-            file=out,
-        )
     return 0
 
 
