@@ -148,6 +148,15 @@ def _parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", parents=[_options()], help="load a spill file")
     ingest.add_argument("file", type=Path)
     commands.add_parser("demo", parents=[_options()], help="the offline demo")
+    dashboard = commands.add_parser(
+        "dashboard", parents=[_options()], help="a local, read-only web page over the database"
+    )
+    dashboard.add_argument("--port", type=int, default=8765)
+    dashboard.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
+    dashboard.add_argument(
+        "--allow-remote", action="store_true", help="serve on another address (needs --token)"
+    )
+    dashboard.add_argument("--token", help="a secret every request must carry (?token=...)")
     return parser
 
 
@@ -528,6 +537,26 @@ def cmd_demo(args: argparse.Namespace, out: IO[str]) -> int:
     return demo(args.db)
 
 
+def cmd_dashboard(args: argparse.Namespace, out: IO[str]) -> int:
+    from usage_callbacks.dashboard import DashboardConfigurationError, check_bind, make_server
+
+    try:
+        check_bind(args.host, allow_remote=args.allow_remote, token=args.token)
+    except DashboardConfigurationError as error:
+        raise CliError(str(error)) from None
+    with _closing(_open(args)) as store:
+        server = make_server(store, args.host, args.port, args.token)
+        host, port = str(server.server_address[0]), server.server_address[1]
+        suffix = "/?token=..." if args.token else "/"
+        print(f"dashboard on http://{host}:{port}{suffix} (read-only; Ctrl-C stops)", file=out)
+        out.flush()
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, IO[str]], int]] = {
     "summary": cmd_summary,
     "report": cmd_report,
@@ -536,6 +565,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, IO[str]], int]] = {
     "budgets": cmd_budgets,
     "ingest": cmd_ingest,
     "demo": cmd_demo,
+    "dashboard": cmd_dashboard,
 }
 
 

@@ -41,9 +41,9 @@ class MemoryStore(SqlStore):
         with self.lock:
             return super().records(where, limit, newest_first)
 
-    def daily_by_model(self, where: UsageFilter) -> list[DailyUsage]:
+    def daily_by_model(self, where: UsageFilter, *, hourly: bool = False) -> list[DailyUsage]:
         with self.lock:
-            return super().daily_by_model(where)
+            return super().daily_by_model(where, hourly=hourly)
 
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
         return iter(self.records(where))

@@ -342,17 +342,19 @@ class SqlStore:
         with Session(self.engine, expire_on_commit=False) as session:
             return list(session.exec(statement))
 
-    def daily_by_model(self, where: UsageFilter) -> list[DailyUsage]:
-        """Spend and tokens per UTC day and model, for charts."""
+    def daily_by_model(self, where: UsageFilter, *, hourly: bool = False) -> list[DailyUsage]:
+        """Spend and tokens per UTC day (or hour: ``YYYY-MM-DD HH``) and model, for charts."""
         try:
-            return self._daily_by_model(where, checked=False)
+            return self._daily_by_model(where, hourly=hourly, checked=False)
         except _BadRows:
             self._warn_bad_rows(where)
-            return self._daily_by_model(where, checked=True)
+            return self._daily_by_model(where, hourly=hourly, checked=True)
 
-    def _daily_by_model(self, where: UsageFilter, *, checked: bool) -> list[DailyUsage]:
+    def _daily_by_model(
+        self, where: UsageFilter, *, hourly: bool, checked: bool
+    ) -> list[DailyUsage]:
         c = UsageRecord.__table__.c  # type: ignore[attr-defined]
-        day = self._group_column("day")
+        day = self._hour_column() if hourly else self._group_column("day")
         query = (
             self._where(
                 sa.select(day, c.model, *_sum_columns(wide=checked)[1:-5]), where, checked=checked
@@ -369,6 +371,31 @@ class SqlStore:
                 )
                 for row in connection.execute(query)
             ]
+
+    def _hour_column(self) -> sa.ColumnElement[Any]:
+        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        if self.dialect == "sqlite":
+            return sa.func.strftime("%Y-%m-%d %H", c.ended_at)
+        return sa.func.to_char(c.ended_at, "YYYY-MM-DD HH24")
+
+    def costliest(self, where: UsageFilter, limit: int) -> list[UsageRecord]:
+        """The ``limit`` most expensive calls ``where`` selects."""
+        cost = sa.type_coerce(UsageRecord.__table__.c.cost_estimate_usd, sa.BigInteger)  # type: ignore[attr-defined]
+        statement = self._where(select(UsageRecord), where).order_by(sa.desc(cost)).limit(limit)
+        with self.lock, Session(self.engine, expire_on_commit=False) as session:
+            return list(session.exec(statement))
+
+    def failures(self, where: UsageFilter, limit: int) -> list[UsageRecord]:
+        """The latest ``limit`` calls that ended in an error."""
+        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        statement = (
+            self._where(select(UsageRecord), where)
+            .where(c.status != "ok")
+            .order_by(sa.desc(c.ended_at))
+            .limit(limit)
+        )
+        with self.lock, Session(self.engine, expire_on_commit=False) as session:
+            return list(session.exec(statement))
 
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
         statement = self._where(select(UsageRecord), where).order_by(

@@ -1,0 +1,185 @@
+"""``usage-callbacks dashboard``: a local, read-only web page over the usage database.
+
+The server aggregates in SQL (the same store queries as ``summary``) and answers JSON;
+the page (``dashboard.html``, shipped in the package: no CDN, works offline) draws it and
+asks again every few seconds, so it follows calls while they are recorded. It binds to
+127.0.0.1; any other address needs ``allow_remote`` and a token every request carries.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from usage_callbacks.store import SqlStore, UsageFilter
+from usage_callbacks.store.ledger import BudgetStatus
+from usage_callbacks.store.models import UsageRecord
+
+logger = logging.getLogger("usage_callbacks")
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+#: Rows of the costliest-calls and errors tables.
+TOP_ROWS = 10
+
+
+class DashboardConfigurationError(ValueError):
+    """The dashboard was asked to do something unsafe; the message says what to add."""
+
+
+def check_bind(host: str, *, allow_remote: bool, token: str | None) -> None:
+    """Loopback only, unless the caller both asks for another address and sets a token."""
+    if host in LOOPBACK:
+        return
+    if not allow_remote or not token:
+        raise DashboardConfigurationError(
+            f"refusing to serve usage data on {host}: other machines could read it. Pass "
+            "--allow-remote and --token SECRET (every request must then carry the token)"
+        )
+
+
+def usage_filter(query: dict[str, list[str]]) -> UsageFilter:
+    """The page's filters: user, model, session, node, agent and a since/until date range."""
+
+    def text(name: str) -> str | None:
+        value = (query.get(name) or [""])[0].strip()
+        return value or None
+
+    def moment(name: str) -> datetime | None:
+        value = text(name)
+        if value is None:
+            return None
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+    return UsageFilter(
+        user_id=text("user"),
+        model=text("model"),
+        session_id=text("session"),
+        node=text("node"),
+        agent=text("agent"),
+        since=moment("since"),
+        until=moment("until"),
+    )
+
+
+def _call(record: UsageRecord) -> dict[str, Any]:
+    return {
+        "ended_at": record.ended_at.isoformat(),
+        "model": record.model,
+        "user_id": record.user_id,
+        "node": record.node,
+        "total_tokens": record.total_tokens,
+        "cost_usd": str(record.cost_estimate_usd),
+        "cost_known": record.cost_known,
+        "status": record.status,
+        "error_type": record.error_type,
+    }
+
+
+def forecast(status: BudgetStatus, now: datetime) -> str:
+    """When the budget runs out at the rate spent so far this period, in words."""
+    limit = status.budget.limit_usd
+    if limit is None or status.remaining_usd is None:
+        return "no dollar limit"
+    if status.remaining_usd <= 0:
+        return "used up"
+    elapsed = (now - status.period_start).total_seconds()
+    spent = status.spent_usd + status.reserved_usd
+    if elapsed <= 0 or spent <= 0:
+        return "nothing spent yet"
+    seconds_left = float(status.remaining_usd) * elapsed / float(spent)
+    runs_out = now + timedelta(seconds=seconds_left)
+    if runs_out >= status.period_end:
+        return "lasts the period at this rate"
+    return f"runs out at {runs_out:%Y-%m-%d %H:%M} UTC at this rate"
+
+
+def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, Any]:
+    """Everything the page shows, aggregated in SQL."""
+    now = datetime.now(timezone.utc)
+    summary = store.summary(where, None)
+    budgets = [
+        {
+            "budget": status.budget.label,
+            "key": status.key,
+            "spent_usd": str(status.spent_usd),
+            "limit_usd": None if status.budget.limit_usd is None else str(status.budget.limit_usd),
+            "left_usd": None if status.remaining_usd is None else str(status.remaining_usd),
+            "forecast": forecast(status, now),
+        }
+        for status in store.ledger.overview(now)
+    ]
+    return {
+        "summary": summary.model_dump(mode="json"),
+        "by_model": store.summary(where, "model").model_dump(mode="json")["groups"],
+        "by_user": store.summary(where, "user").model_dump(mode="json")["groups"],
+        "by_node": store.summary(where, "node").model_dump(mode="json")["groups"],
+        "series": [
+            {"bucket": row.day, "model": row.model, "cost_usd": str(row.usage.cost_estimate_usd)}
+            for row in store.daily_by_model(where, hourly=hourly)
+        ],
+        "costliest": [_call(record) for record in store.costliest(where, TOP_ROWS)],
+        "errors": [_call(record) for record in store.failures(where, TOP_ROWS)],
+        "budgets": budgets,
+        "as_of": now.isoformat(),
+    }
+
+
+def page() -> bytes:
+    return files("usage_callbacks").joinpath("dashboard.html").read_bytes()
+
+
+def make_server(
+    store: SqlStore, host: str = "127.0.0.1", port: int = 8765, token: str | None = None
+) -> ThreadingHTTPServer:
+    """A server for the page and its data; ``serve_forever()`` runs it."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            query = parse_qs(url.query)
+            if token is not None:
+                given = (query.get("token") or [""])[0]
+                if not hmac.compare_digest(given.encode(), token.encode()):
+                    self._send(HTTPStatus.FORBIDDEN, b"a token is required", "text/plain")
+                    return
+            if url.path == "/":
+                self._send(HTTPStatus.OK, page(), "text/html; charset=utf-8")
+            elif url.path == "/api/data":
+                try:
+                    where = usage_filter(query)
+                except (ValueError, TypeError) as error:
+                    self._send(HTTPStatus.BAD_REQUEST, str(error).encode(), "text/plain")
+                    return
+                hourly = (query.get("bucket") or ["day"])[0] == "hour"
+                body = json.dumps(snapshot(store, where, hourly=hourly), default=_json)
+                self._send(HTTPStatus.OK, body.encode(), "application/json")
+            else:
+                self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
+
+        def _send(self, status: HTTPStatus, body: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("dashboard: " + format, *args)
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def _json(value: Any) -> str:
+    if isinstance(value, (Decimal, datetime)):
+        return str(value) if isinstance(value, Decimal) else value.isoformat()
+    raise TypeError(type(value).__name__)
