@@ -119,9 +119,12 @@ def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, 
     ]
     return {
         "summary": summary.model_dump(mode="json"),
-        "by_model": store.summary(where, "model").model_dump(mode="json")["groups"],
-        "by_user": store.summary(where, "user").model_dump(mode="json")["groups"],
-        "by_node": store.summary(where, "node").model_dump(mode="json")["groups"],
+        **{
+            f"by_{level}": [
+                group.model_dump(mode="json") for group in store.breakdown(where, level)
+            ]
+            for level in ("model", "user", "node")
+        },
         "series": [
             {"bucket": row.day, "model": row.model, "cost_usd": str(row.usage.cost_estimate_usd)}
             for row in store.daily_by_model(where, hourly=hourly)

@@ -372,6 +372,27 @@ class SqlStore:
                 for row in connection.execute(query)
             ]
 
+    def breakdown(self, where: UsageFilter, level: str) -> list[GroupSummary]:
+        """Each group's totals without percentiles, largest cost first: one GROUP BY on the
+        level alone, without a summary's per-call histogram (1M rows by 100 users on a busy
+        machine: 49-65 s against 78-80 s for summary(), measured twice each)."""
+        try:
+            return self._breakdown(where, level, checked=False)
+        except _BadRows:
+            self._warn_bad_rows(where)
+            return self._breakdown(where, level, checked=True)
+
+    def _breakdown(self, where: UsageFilter, level: str, *, checked: bool) -> list[GroupSummary]:
+        [name] = group_levels(level)
+        group = self._group_column(name)
+        query = self._where(
+            sa.select(group, *_sum_columns(wide=checked)), where, checked=checked
+        ).group_by(group)
+        with _overflow_is_bad_rows(), self.lock, self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        pairs = [_fold_group(row[0], [row[1:]], [], checked=checked) for row in rows]
+        return _largest_first(pairs)[0]
+
     def _hour_column(self) -> sa.ColumnElement[Any]:
         c = UsageRecord.__table__.c  # type: ignore[attr-defined]
         if self.dialect == "sqlite":
