@@ -606,14 +606,17 @@ def test_reads_survive_rows_outside_token_usage_rules(
 
 
 def test_sums_beyond_sqlite_integers_are_exact(tmp_path: Path) -> None:
+    from usage_callbacks import ModelPrice
+
     url = f"sqlite:///{tmp_path / 'u.db'}"
-    usage = TokenUsage(prompt_tokens=10**12 - 1)
-    with UsageTracker(url) as tracker:
-        records = [tracker.record(usage, model="gpt-4o") for _ in range(13)]
+    usage = TokenUsage(prompt_tokens=10**9)  # the most a call may report
+    prices = {"pricey": ModelPrice(input_per_mtok=Decimal(5000), output_per_mtok=Decimal(5000))}
+    with UsageTracker(url, prices=prices) as tracker:
+        records = [tracker.record(usage, model="pricey") for _ in range(100)]
         expected = sum((r.cost_estimate_usd for r in records), Decimal(0))
         assert expected * 10**12 > 2**63  # more pico-USD than SQLite's integers hold
         summary = tracker.summary(group_by="day")
-        assert summary.usage.prompt_tokens == 13 * (10**12 - 1)
+        assert summary.usage.prompt_tokens == sum(r.prompt_tokens for r in records)
         assert summary.usage.cost_estimate_usd == expected
         [daily] = tracker.store.daily_by_model(UsageFilter())
         assert daily.usage.cost_estimate_usd == expected
