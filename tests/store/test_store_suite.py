@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -164,3 +165,22 @@ def test_a_row_the_database_refuses_is_set_aside_and_later_records_still_land(
         assert [record.prompt_tokens for record in tracker.records()] == [2]
     [kept] = read_records(tmp_path / "spill.rejected.jsonl")
     assert kept.id == bad.id and kept.cost_estimate_usd == Decimal(10**8)
+
+
+def test_text_no_store_can_take_is_stored_escaped_and_later_records_land(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a lone surrogate (valid in JSON, not in UTF-8) used to kill the writer thread:
+    # nothing more was stored, record() stalled and close() took 30 s
+    surrogate = json.loads('"\\ud800"')
+    with UsageTracker(store_url, flush_interval=0.01) as tracker:
+        tracker.record(
+            TokenUsage(prompt_tokens=1), user_id=surrogate, session_id="a\x00b", tags=[surrogate]
+        )
+        for _ in range(3):
+            tracker.record(TokenUsage(prompt_tokens=2), user_id="ok")
+        assert tracker.flush(timeout=10)
+        first, *later = tracker.records()
+    assert (first.user_id, first.session_id, first.tags) == ("\\ud800", "a\\x00b", ["\\ud800"])
+    assert [record.user_id for record in later] == ["ok"] * 3
+    assert "user_id is not storable text; storing it escaped as '\\\\ud800'" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -225,4 +226,41 @@ def test_a_store_that_cannot_write_at_all_keeps_the_batch_for_retry(tmp_path: Pa
     store.bad.clear()
     assert writer.flush(timeout=10)
     assert sorted(i for batch in store.batches for i in batch) == sorted(r.id for r in records)
+    writer.close()
+
+
+def test_a_torn_spill_line_costs_only_itself(tmp_path: Path) -> None:
+    """Disk full mid-append leaves a line without its newline; the next append must not
+    be glued to it (and lost with it)."""
+    spill = SpillFile(tmp_path / "s.jsonl")
+    first, second = UsageRecord(), UsageRecord()
+    spill.append([first])
+    with spill.path.open("ab") as handle:
+        handle.write(UsageRecord().model_dump_json().encode()[:40])  # torn: no newline
+    spill.append([second])
+    assert [record.id for record in read_records(spill.path)] == [first.id, second.id]
+
+
+def test_a_record_json_cannot_hold_is_left_out_of_the_spill_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = UsageRecord(user_id=json.loads('"\\ud800"'))  # a lone surrogate is not UTF-8
+    good = UsageRecord()
+    spill = SpillFile(tmp_path / "s.jsonl")
+    assert spill.append([bad, good]) == 1
+    assert [record.id for record in read_records(spill.path)] == [good.id]
+    assert f"usage record {bad.id} cannot be written as JSON" in caplog.text
+
+
+def test_a_refused_record_json_cannot_hold_does_not_stop_the_writer(tmp_path: Path) -> None:
+    """Setting such a record aside used to raise in the writer thread and end it: nothing
+    after it was ever written."""
+    bad = UsageRecord(user_id=json.loads('"\\ud800"'))
+    later = [UsageRecord() for _ in range(3)]
+    store = _PickyStore({bad.id}, UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogate"))
+    writer = BatchWriter(store, batch_size=2, max_delay=3600, spill=SpillFile(tmp_path / "s"))
+    for record in [bad, *later]:
+        writer.submit(record)
+    assert writer.flush(timeout=10)
+    assert sorted(i for batch in store.batches for i in batch) == sorted(r.id for r in later)
     writer.close()

@@ -13,9 +13,9 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from usage_callbacks.files import open_private
+from usage_callbacks.files import create_private
 from usage_callbacks.store.models import UsageRecord
 
 logger = logging.getLogger("usage_callbacks")
@@ -38,11 +38,18 @@ class SpillFile:
         self._lock = threading.Lock()
 
     def append(self, records: Iterable[UsageRecord]) -> int:
-        lines = [record.model_dump_json() + "\n" for record in records]
+        """Append one line per record; a record that cannot be serialized is logged and
+        left out (it must not cost the others their place). Returns the lines written."""
+        lines = [line for record in records if (line := _json_line(record)) is not None]
         with self._lock:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open_private(self.path, append=True) as handle:
-                handle.writelines(lines)
+            create_private(self.path)  # owner-only when new
+            with self.path.open("a+b") as handle:
+                if handle.tell() and not _ends_with_newline(handle):
+                    # the last append was torn (disk full mid-write): end that line, or
+                    # the first record appended now would be glued to it and lost with it
+                    handle.write(b"\n")
+                handle.write("".join(lines).encode("utf-8"))
                 handle.flush()
                 os.fsync(handle.fileno())
         return len(lines)
@@ -71,6 +78,19 @@ def parse_record(line: str) -> UsageRecord:
     if not isinstance(data, dict) or not all(key in data for key in RECORD_KEYS):
         raise ValueError(f"not a usage record (a record has {', '.join(RECORD_KEYS)})")
     return UsageRecord.model_validate(data)
+
+
+def _json_line(record: UsageRecord) -> str | None:
+    try:
+        return record.model_dump_json() + "\n"
+    except ValueError as error:  # pydantic's serialization error: a value JSON cannot hold
+        logger.error("usage record %s cannot be written as JSON (%s); it is lost", record.id, error)
+        return None
+
+
+def _ends_with_newline(handle: BinaryIO) -> bool:
+    handle.seek(-1, os.SEEK_END)
+    return handle.read(1) == b"\n"
 
 
 def read_records(path: Path) -> Iterator[UsageRecord]:
