@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -158,3 +159,46 @@ def test_soak_two_processes_of_eight_threads_count_exactly(
     per_100k_mb = max(growth_kb) / 1024 / (8 * (per_thread - per_thread // 2)) * 100_000
     print(f"{backend}: peak RSS growth {max(growth_kb)} kB, {per_100k_mb:.1f} MB per 100k records")
     assert per_100k_mb < 50
+
+
+#: The tracker a forked worker inherits (set by the test before forking).
+_inherited: UsageTracker | None = None
+
+
+def _record_in_forked_worker(calls: int) -> int:
+    assert _inherited is not None
+    for _ in range(calls):
+        _inherited.record(TokenUsage(prompt_tokens=2, completion_tokens=1), user_id="child")
+    return os.getpid()  # no flush: the worker's exit must write what is queued
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_tracker_created_before_fork_records_in_the_children(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """gunicorn --preload, Celery prefork, multiprocessing's fork start method: children
+    used to store nothing (no writer thread) and block 10 s at exit."""
+    global _inherited
+    url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+    _inherited = tracker = UsageTracker(url, flush_interval=0.05)
+    try:
+        tracker.record(TokenUsage(prompt_tokens=1), user_id="parent")
+        assert tracker.flush(timeout=10)  # the parent's pool now holds a connection
+        context = multiprocessing.get_context("fork")
+        with context.Pool(3) as pool:
+            pids = pool.map(_record_in_forked_worker, [100] * 9, chunksize=1)
+            for _ in range(50):  # the parent keeps writing on its own connections
+                tracker.record(TokenUsage(prompt_tokens=1), user_id="parent")
+            pool.close()
+            pool.join()
+        assert len(set(pids)) > 1
+        child = os.fork()
+        if child == 0:  # a bare fork, as gunicorn's workers are made
+            _record_in_forked_worker(100)
+            os._exit(0 if tracker.flush(timeout=10) else 1)
+        assert os.waitpid(child, 0)[1] == 0
+        summary = tracker.summary(group_by="user")
+    finally:
+        tracker.close()
+        _inherited = None
+    assert {group.key: group.calls for group in summary.groups} == {"child": 1000, "parent": 51}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -181,7 +183,7 @@ class UsageTracker:
             spill=SpillFile(Path(spill_path)) if spill_path else None,
         )
         self._closed = False
-        self._atexit = _register_atexit(self)
+        self._atexit = _register_exit_and_fork(self)
 
     # ------------------------------------------------------------------ budgets
 
@@ -821,9 +823,15 @@ def _announce(warning: BudgetWarning) -> None:
             logger.warning("on_warning callback failed", exc_info=True)
 
 
-def _register_atexit(tracker: UsageTracker) -> Any:
-    """Flush (and checkpoint SQLite's log into the database file) at interpreter exit,
-    without keeping the tracker alive."""
+def _register_exit_and_fork(tracker: UsageTracker) -> Any:
+    """Flush (and checkpoint SQLite's log into the database file) at interpreter exit, and
+    work on in a forked child (gunicorn ``--preload``, Celery prefork, multiprocessing's
+    fork), without keeping the tracker alive.
+
+    A child inherits no writer thread: it used to store nothing and block 10 s at exit.
+    It gets its own writer and connections, and a multiprocessing child (which ends with
+    ``os._exit``, skipping atexit) is flushed by multiprocessing's own exit finalizers.
+    """
     reference = weakref.ref(tracker)
 
     def flush_at_exit() -> None:
@@ -835,5 +843,19 @@ def _register_atexit(tracker: UsageTracker) -> Any:
             except Exception as error:  # the interpreter is exiting: say so, never raise
                 logger.warning("checkpointing the database at exit failed (%s)", error)
 
+    def restart_in_child() -> None:
+        alive = reference()
+        if alive is None or alive._closed:
+            return
+        alive.store.reopen_in_child()
+        alive._writer.restart_in_child()
+        # not imported for this alone (10 ms); a multiprocessing child has it loaded
+        util = sys.modules.get("multiprocessing.util")
+        if util is not None:  # run once the child process object is set up
+            util.register_after_fork(
+                alive, lambda _: util.Finalize(None, flush_at_exit, exitpriority=10)
+            )
+
     atexit.register(flush_at_exit)
+    os.register_at_fork(after_in_child=restart_in_child)
     return flush_at_exit

@@ -51,3 +51,6 @@ class MemoryStore(SqlStore):
     def summary(self, where: UsageFilter, group_by: GroupBy | None) -> UsageSummary:
         with self.lock:
             return super().summary(where, group_by)
+
+    def reopen_in_child(self) -> None:
+        """The child keeps its copy of the database: its one connection is private memory."""

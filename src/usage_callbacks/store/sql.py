@@ -677,6 +677,11 @@ class SqlStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    def reopen_in_child(self) -> None:
+        """After ``fork``: the pooled connections are the parent's (sharing a PostgreSQL
+        socket or a SQLite handle between processes corrupts both); leave them to it."""
+        self.engine.dispose(close=False)
+
 
 #: Rows of aggregates per group key tuple (see _sum_columns), and (total_tokens, calls)
 #: pairs.

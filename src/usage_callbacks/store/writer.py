@@ -57,21 +57,31 @@ class BatchWriter:
         self._batch_size = batch_size
         self._max_delay = max_delay
         self._max_buffer = max_buffer
-        self._spill = spill or SpillFile(default_spill_path())
-        path = self._spill.path
+        self._own_spill = spill is None  # per process: renamed in a forked child
+        self._closed = False
+        self._start(spill or SpillFile(default_spill_path()))
+
+    def _start(self, spill: SpillFile) -> None:
+        self._spill = spill
+        path = spill.path
         self._rejected = SpillFile(path.with_name(f"{path.stem}.rejected.jsonl"))
         self._pending: deque[UsageRecord] = deque()  # appended to without the lock
         self._condition = threading.Condition()
         self._written = 0  # records written or spilled so far, for flush() to wait on
         self._inflight: list[UsageRecord] = []
         self._flush_requested = False
-        self._closed = False
         self._failures = 0
         self._spilled = False  # records went to the spill file: re-ingest once writes succeed
         self._thread = threading.Thread(
             target=self._run, name="usage-callbacks-writer", daemon=True
         )
         self._thread.start()
+
+    def restart_in_child(self) -> None:
+        """After ``fork``: the child has no writer thread and its lock may have been held
+        by it mid-batch. Start afresh; what was queued is the parent's to write."""
+        if not self._closed:
+            self._start(SpillFile(default_spill_path()) if self._own_spill else self._spill)
 
     def submit(self, record: UsageRecord) -> None:
         pending = self._pending
