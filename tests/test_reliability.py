@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -68,6 +69,45 @@ def test_sigkill_loses_at_most_the_unflushed_batch(sqlite_url: str) -> None:
     assert set(acknowledged[:1050]) <= stored  # older than the age bound: all on disk
     assert stored <= set(acknowledged)
     assert len(acknowledged) - len(stored) <= 30  # at most the unflushed tail
+
+
+# Records from four threads as fast as they go, each thread keeping its count of
+# acknowledged calls (record() returned) in a shared file that survives SIGKILL.
+SATURATOR = r"""
+import mmap, struct, sys, threading
+from usage_callbacks import TokenUsage, UsageTracker
+url, counts = sys.argv[1], sys.argv[2]
+tracker = UsageTracker(url, batch_size=100)
+with open(counts, "r+b") as handle:
+    shared = mmap.mmap(handle.fileno(), 32)
+def work(slot):
+    for acknowledged in range(1, 10**9):
+        tracker.record(TokenUsage(prompt_tokens=3, completion_tokens=1), model="m")
+        shared[slot * 8 : slot * 8 + 8] = struct.pack("q", acknowledged)
+for slot in range(4):
+    threading.Thread(target=work, args=(slot,)).start()
+"""
+
+
+def test_sigkill_at_saturation_loses_at_most_two_batches(sqlite_url: str, tmp_path: Path) -> None:
+    """Callers faster than the database: the queue used to grow to max_buffer (10,000
+    records, all lost to SIGKILL) where the README promised the unflushed batch."""
+    counts = tmp_path / "acknowledged"
+    counts.write_bytes(bytes(32))
+    process = subprocess.Popen([sys.executable, "-c", SATURATOR, sqlite_url, str(counts)])
+    try:
+        acknowledged = 0
+        while acknowledged < 20_000 and process.poll() is None:
+            time.sleep(0.05)
+            acknowledged = sum(struct.unpack("4q", counts.read_bytes()))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    acknowledged = sum(struct.unpack("4q", counts.read_bytes()))
+    stored = len(_stored_ids(sqlite_url))
+    print(f"acknowledged {acknowledged}, stored {stored}, lost {acknowledged - stored}")
+    assert acknowledged >= 20_000
+    assert acknowledged - stored <= 2 * 100 + 4  # the batch in flight, the next, a call each
 
 
 def test_postgresql_outage_mid_run_loses_nothing(tmp_path: Path) -> None:

@@ -7,10 +7,12 @@ milliseconds. The writer polls every ``max_delay`` and is woken for full batches
 When the store refuses a batch for its values (a row it cannot take), the batch is
 written record by record and the refused ones are set aside in a ``.rejected.jsonl``
 file beside the spill file, so that one bad row cannot hold every later record back.
-Failed batches stay queued and are retried with backoff. The queue is bounded by
-``max_buffer``: when it is full, a healthy store makes the producer wait (backpressure);
-a failing one gets the oldest batch spilled to a local JSONL file, re-ingested as soon
-as the store accepts writes again.
+Failed batches stay queued and are retried with backoff. While the store takes writes,
+at most one batch waits beside the one being written: a producer that would queue more
+waits for the writer (backpressure), so a killed process loses at most those two batches
+(with ``max_buffer`` waiting, SIGKILL at saturation lost 10,000). While the store fails,
+up to ``max_buffer`` records wait in memory; beyond that the oldest batch is spilled to
+a local JSONL file, re-ingested as soon as the store accepts writes again.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class BatchWriter:
         self._inflight: list[UsageRecord] = []
         self._flush_requested = False
         self._failures = 0
+        #: records that may wait unwritten: one batch, or max_buffer while the store fails
+        self._bound = self._batch_size
         self._spilled = False  # records went to the spill file: re-ingest once writes succeed
         self._thread = threading.Thread(
             target=self._run, name="usage-callbacks-writer", daemon=True
@@ -87,22 +91,22 @@ class BatchWriter:
         pending = self._pending
         pending.append(record)
         queued = len(pending)
-        if queued % self._batch_size == 0 or queued > self._max_buffer:
+        if queued % self._batch_size == 0 or queued > self._bound:
             self._wake_or_wait()
 
     def _wake_or_wait(self) -> None:
-        """A full batch wakes the writer; a full buffer makes the caller wait or spill."""
+        """A full batch wakes the writer; a full queue makes the caller wait or spill."""
         with self._condition:
-            if len(self._pending) > self._max_buffer:
+            if len(self._pending) > self._bound:
                 # A healthy but slower store pushes back on the producer; only a failing
                 # one (or a stall past the limit) sends records to the spill file.
                 if not self._failures:
                     self._condition.notify_all()
                     self._condition.wait_for(
-                        lambda: len(self._pending) <= self._max_buffer or self._failures > 0,
+                        lambda: len(self._pending) <= self._bound or self._failures > 0,
                         timeout=_BACKPRESSURE_LIMIT_S,
                     )
-                if len(self._pending) > self._max_buffer:
+                if len(self._pending) > self._bound:
                     self._spill_oldest()
             if len(self._pending) >= self._batch_size:
                 self._condition.notify_all()
@@ -124,7 +128,7 @@ class BatchWriter:
             self._spilled = True
             logger.warning(
                 "usage buffer full (%d); spilled %d records to %s",
-                self._max_buffer,
+                self._bound,
                 count,
                 self._spill.path,
             )
@@ -186,6 +190,7 @@ class BatchWriter:
                 self._condition.wait(self._max_delay - (time.monotonic() - started))
             count = min(self._batch_size, len(self._pending))
             self._inflight = [self._pending.popleft() for _ in range(count)]
+            self._condition.notify_all()  # producers held back by a full queue go on
             return self._inflight
 
     def _reingest_spill(self) -> None:
@@ -252,6 +257,7 @@ class BatchWriter:
             error = self._write(batch)
             if error is not None:
                 self._failures += 1
+                self._bound = self._max_buffer
                 delay = min(0.05 * 2**self._failures, 5.0)
                 logger.warning(
                     "writing %d usage records failed (attempt %d); retrying in %.2fs",
@@ -274,6 +280,7 @@ class BatchWriter:
             if (self._failures or self._spilled) and self._spill.exists():
                 self._reingest_spill()
             self._failures = 0
+            self._bound = self._batch_size
             with self._condition:
                 self._written += len(batch)
                 self._inflight = []
