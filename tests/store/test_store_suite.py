@@ -175,12 +175,12 @@ def test_text_no_store_can_take_is_stored_escaped_and_later_records_land(
     surrogate = json.loads('"\\ud800"')
     with UsageTracker(store_url, flush_interval=0.01) as tracker:
         tracker.record(
-            TokenUsage(prompt_tokens=1), user_id=surrogate, session_id="a\x00b", tags=[surrogate]
+            TokenUsage(prompt_tokens=1), user_id=surrogate, session_id="ü", tags=[surrogate]
         )
         for _ in range(3):
             tracker.record(TokenUsage(prompt_tokens=2), user_id="ok")
         assert tracker.flush(timeout=10)
         first, *later = tracker.records()
-    assert (first.user_id, first.session_id, first.tags) == ("\\ud800", "a\\x00b", ["\\ud800"])
+    assert (first.user_id, first.session_id, first.tags) == ("\\ud800", "ü", ["\\ud800"])
     assert [record.user_id for record in later] == ["ok"] * 3
-    assert "user_id is not storable text; storing it escaped as '\\\\ud800'" in caplog.text
+    assert "user_id is not UTF-8 text; storing it escaped as '\\\\ud800'" in caplog.text

@@ -250,38 +250,34 @@ _TEXT_WIDTHS: tuple[tuple[str, int], ...] = tuple(
 
 
 def fit_text_columns(values: dict[str, Any]) -> None:
-    """Make the caller's text values text every store and the spill file can take: text
-    that fits its column (cut, with a warning), with lone surrogates and NUL escaped."""
+    """Make the caller's text values text every store and the spill file can take: UTF-8
+    (lone surrogates escaped) that fits its column (cut, with a warning)."""
     for name, width in _TEXT_WIDTHS:
         value = values[name]
         if value is None:
             continue
         if type(value) is not str:
             values[name] = value = str(value)
-        if not value.isascii() or "\x00" in value:
-            values[name] = value = storable_text(value, name)
+        if not value.isascii():
+            values[name] = value = utf8_text(value, name)
         if len(value) > width:
             logger.warning("%s is %d characters; storing its first %d", name, len(value), width)
             values[name] = value[:width]
     tags = values["tags"]
-    if tags and not all(tag.isascii() and "\x00" not in tag for tag in tags):
-        values["tags"] = [storable_text(tag, "tags") for tag in tags]
+    if tags and not all(tag.isascii() for tag in tags):
+        values["tags"] = [utf8_text(tag, "tags") for tag in tags]
 
 
-def storable_text(value: str, name: str) -> str:
-    """``value`` with what no store can take escaped as ``\\ud800``/``\\x00``: a lone
-    surrogate (``json.loads('"\\ud800"')``) is not UTF-8 and used to kill the writer
-    thread; PostgreSQL refuses NUL in text."""
+def utf8_text(value: str, name: str) -> str:
+    """``value``, with any lone surrogate (``json.loads('"\\ud800"')``: not UTF-8, it used to
+    kill the writer thread) escaped as ``\\ud800``."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
-    else:
-        if "\x00" not in value:
-            return value
-    escaped = value.replace("\x00", "\\x00")
-    logger.warning("%s is not storable text; storing it escaped as %r", name, escaped)
-    return escaped
+        escaped = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        logger.warning("%s is not UTF-8 text; storing it escaped as %r", name, escaped)
+        return escaped
+    return value
 
 
 _COLUMN_SET = frozenset(RECORD_COLUMNS)
