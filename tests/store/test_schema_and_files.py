@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,47 @@ def test_schema_creation_races_between_processes_are_safe(
     )
     openers = [subprocess.Popen([sys.executable, "-c", script, url]) for _ in range(6)]
     assert [opener.wait(timeout=120) for opener in openers] == [0] * 6
+
+
+def test_records_made_after_the_database_directory_is_deleted_are_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Open connections wrote on into the deleted file: every record was lost, flush()
+    said True and nothing was logged."""
+    directory = tmp_path / "db"
+    directory.mkdir()
+    spill = tmp_path / "spill.jsonl"
+    with UsageTracker(
+        f"sqlite:///{directory / 'usage.db'}",
+        flush_interval=0.01,
+        batch_size=50,
+        max_buffer=100,
+        spill_path=spill,
+    ) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=1))
+        assert tracker.flush(timeout=10)
+        shutil.rmtree(directory)
+        after = {tracker.record(TokenUsage(prompt_tokens=2)).id for _ in range(300)}
+        assert not tracker.flush(timeout=0.5)
+        assert "usage.db was deleted with its directory" in caplog.text
+        assert spill.exists()  # beyond max_buffer, kept on disk meanwhile
+        directory.mkdir()
+        assert tracker.flush(timeout=30)
+        deadline = time.monotonic() + 30
+        while spill.exists() and time.monotonic() < deadline:  # re-ingested
+            time.sleep(0.05)
+        assert {record.id for record in tracker.records()} == after
+
+
+def test_a_database_file_deleted_or_replaced_in_use_is_created_anew(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "usage.db"
+    with UsageTracker(f"sqlite:///{path}", flush_interval=0.01) as tracker:
+        tracker.record(TokenUsage(prompt_tokens=1))
+        assert tracker.flush(timeout=10)
+        path.unlink()
+        kept = tracker.record(TokenUsage(prompt_tokens=2)).id
+        assert tracker.flush(timeout=10)
+        assert [record.id for record in tracker.records()] == [kept]
+    assert "usage.db was deleted; created it anew" in caplog.text

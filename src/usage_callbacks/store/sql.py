@@ -55,6 +55,31 @@ _MAX_SUMMARY_THREADS = 4
 _ROWID: sa.ColumnClause[int] = sa.literal_column("rowid", sa.Integer)
 
 
+class DatabaseFileLost(OSError):
+    """The SQLite database file was deleted while in use; the write is to be retried."""
+
+
+def _database_file(engine: Engine) -> Path | None:
+    """The SQLite database file, when the store writes to one."""
+    url = engine.url
+    if engine.dialect.name != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    if url.database.startswith("file:") or url.query.get("uri"):
+        return None  # a URI: maybe shared memory; not a path to watch
+    return Path(url.database).absolute()
+
+
+def _identity(path: Path | None) -> tuple[int, int] | None:
+    """Device and inode of ``path``: a deleted or replaced file changes it."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 class StoreConfigurationError(ValueError):
     """The database URL cannot be used; the message says what to write instead."""
 
@@ -184,6 +209,8 @@ class SqlStore:
             self._check_schema()
         else:
             self._ensure_schema()
+        self._file = _database_file(self.engine)
+        self._file_identity = _identity(self._file)
         self.ledger = BudgetLedger(self.engine, self.lock)
         self._bulk_insert = (
             SqliteBulkInsert(self.engine.dialect) if self.dialect == "sqlite" else None
@@ -283,13 +310,46 @@ class SqlStore:
     def write(self, records: Sequence[UsageRecord]) -> None:
         if not records:
             return
+        if self._file is not None:
+            self._check_file()
         with self.engine.begin() as connection:
             if self._bulk_insert is not None:
                 self._bulk_insert.execute(connection, records)
-                return
-            table = UsageRecord.__table__  # type: ignore[attr-defined]
-            statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
-            connection.execute(statement, [record.row() for record in records])
+            else:
+                table = UsageRecord.__table__  # type: ignore[attr-defined]
+                statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
+                connection.execute(statement, [record.row() for record in records])
+        if self._file is not None and _identity(self._file) != self._file_identity:
+            self._check_file()
+            raise DatabaseFileLost(f"{self._file} was deleted while written to; writing again")
+
+    def _check_file(self) -> None:
+        """Raise DatabaseFileLost when the SQLite file was deleted with its directory;
+        create it anew when only the file was deleted or it was replaced.
+
+        Why: open connections keep writing to a deleted file, and every row is lost
+        with it (6,000 of 6,000, with no error, before this check).
+        """
+        assert self._file is not None
+        identity = _identity(self._file)
+        if identity is not None and identity == self._file_identity:
+            return
+        self.engine.dispose()  # connections to the old file
+        if not self._file.parent.is_dir():
+            raise DatabaseFileLost(
+                f"{self._file} was deleted with its directory; records wait in memory, then in "
+                "the spill file, and are written once the directory exists again"
+            )
+        try:
+            self._ensure_schema()
+        except StoreConfigurationError as error:  # not the records' fault: retry them
+            raise DatabaseFileLost(str(error)) from error
+        self._file_identity = _identity(self._file)
+        logger.error(
+            "%s was %s; created it anew for the records that follow",
+            self._file,
+            "deleted" if identity is None else "replaced",
+        )
 
     def index_dimensions(self, keys: Sequence[str]) -> None:
         """An index per declared dimension, so filters by its value seek, not scan.
