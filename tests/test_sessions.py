@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,3 +77,33 @@ def test_bare_thread_pools_need_bind(memory_tracker: UsageTracker) -> None:
         assert session.calls == 0  # workers do not inherit the context
         list(pool.map(session.bind(lambda _: _call(memory_tracker)), range(4)))
     assert session.calls == 4
+
+
+def test_sessions_entered_and_never_exited_end_when_collected(
+    memory_tracker: UsageTracker,
+) -> None:
+    """Entered per request and never exited, sessions used to pile up in the context
+    (every call added to all of them: record() grew linearly, the run quadratically),
+    and their budgets stayed registered."""
+
+    def requests() -> tuple[int, int]:
+        with memory_tracker.session("outer") as outer:
+            for index in range(500):
+                memory_tracker.session(f"request-{index}", max_tokens=10**6).__enter__()
+                memory_tracker.record(TokenUsage(prompt_tokens=1))
+            gc.collect()
+            assert active_sessions() == (outer,)
+            return outer.calls, len(memory_tracker.budgets)
+
+    assert contextvars.copy_context().run(requests) == (500, 0)
+
+
+def test_a_session_kept_open_by_its_owner_still_counts(memory_tracker: UsageTracker) -> None:
+    def work() -> int:
+        session = memory_tracker.session("kept")
+        session.__enter__()
+        gc.collect()
+        memory_tracker.record(TokenUsage(prompt_tokens=3))
+        return session.usage.prompt_tokens
+
+    assert contextvars.copy_context().run(work) == 3

@@ -2,8 +2,11 @@
 
 The active sessions live in a contextvar, so they follow asyncio tasks and
 ``contextvars.copy_context()``; a plain thread pool does not copy context, which is what
-``UsageSession.bind`` is for. Framework integrations register a hook that is entered
-with the first session, so calls made with no handler passed are still tracked.
+``UsageSession.bind`` is for. The contextvar holds weak references: a session entered
+and never exited ends when it is garbage-collected (20,000 such sessions used to stay
+open in the context, every call adding to each of them). Framework integrations
+register a hook that is entered with the first session, so calls made with no handler
+passed are still tracked.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import importlib
 import importlib.util
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from decimal import Decimal
@@ -30,7 +34,8 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_active: contextvars.ContextVar[tuple[UsageSession, ...]] = contextvars.ContextVar(
+_SessionRefs = tuple["weakref.ref[UsageSession]", ...]
+_active: contextvars.ContextVar[_SessionRefs] = contextvars.ContextVar(
     "usage_callbacks_sessions", default=()
 )
 
@@ -78,15 +83,17 @@ def _load_integrations() -> None:
 
 def active_sessions() -> tuple[UsageSession, ...]:
     """The sessions open in this context, outermost first."""
-    return _active.get()
+    return tuple(session for ref in _active.get() if (session := ref()) is not None)
 
 
 def sessions_of(tracker: object) -> tuple[UsageSession, ...]:
     """The sessions of ``tracker`` open in this context (no scan when none is open)."""
-    sessions = _active.get()
-    if not sessions:
+    refs = _active.get()
+    if not refs:
         return ()
-    return tuple(session for session in sessions if session.tracker is tracker)
+    return tuple(
+        session for ref in refs if (session := ref()) is not None and session.tracker is tracker
+    )
 
 
 class UsageSession:
@@ -113,7 +120,7 @@ class UsageSession:
         self._by_node: dict[str, TokenUsage] = {}
         self._by_agent: dict[str, TokenUsage] = {}
         self._calls = 0
-        self._tokens: list[contextvars.Token[tuple[UsageSession, ...]]] = []
+        self._tokens: list[contextvars.Token[_SessionRefs]] = []
         self._hook_exits: list[list[AbstractContextManager[object]]] = []
 
     @property
@@ -170,7 +177,8 @@ class UsageSession:
 
     def __enter__(self) -> UsageSession:
         _load_integrations()
-        self._tokens.append(_active.set((*_active.get(), self)))
+        live = tuple(ref for ref in _active.get() if ref() is not None)  # drop abandoned ones
+        self._tokens.append(_active.set((*live, weakref.ref(self))))
         entered = []
         for hook in _hooks:
             manager = hook()
@@ -208,7 +216,7 @@ class UsageSession:
         escape the session. The current context (with any outer sessions) is carried too.
         """
         context = contextvars.copy_context()
-        inside = self in context.get(_active, ())
+        inside = any(ref() is self for ref in context.get(_active, ()))
 
         @functools.wraps(function)
         def bound(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -242,7 +250,7 @@ class SessionRoutes:
         self._lock = threading.Lock()
 
     def start(self, key: str) -> tuple[UsageTracker, ...]:
-        trackers = tuple(dict.fromkeys(session.tracker for session in _active.get()))
+        trackers = tuple(dict.fromkeys(session.tracker for session in active_sessions()))
         if trackers:
             with self._lock:
                 self._routes[key] = trackers

@@ -162,8 +162,11 @@ class UsageTracker:
         #: the budgets of open sessions by label, with the sessions sharing each (two
         #: requests of one conversation open the same session name at once)
         self._session_budgets: dict[str, Budget] = {}
-        self._session_budget_owners: dict[str, set[UsageSession]] = {}
-        self._budget_lock = threading.Lock()
+        #: the open sessions sharing each session budget, weakly: one never exited ends
+        #: when it is garbage-collected
+        self._session_budget_owners: dict[str, weakref.WeakSet[UsageSession]] = {}
+        # re-entrant: a session collected while the lock is held releases its budget share
+        self._budget_lock = threading.RLock()
         #: the charges of each call scope seen, until the budgets change
         self._charges_by_scope: dict[CallScope, tuple[Charge, ...]] = {}
         if isinstance(budgets, Budget):
@@ -607,8 +610,11 @@ class UsageTracker:
             with self._budget_lock:
                 # sessions of one name and limits share one budget until the last closes
                 budget = self._session_budgets.setdefault(budget.label, budget)
-                self._session_budget_owners.setdefault(budget.label, set()).add(session)
+                owners = self._session_budget_owners.setdefault(budget.label, weakref.WeakSet())
+                owners.add(session)
                 self._charges_by_scope = {}
+            # a session never exited ends when it is garbage-collected, and its share too
+            weakref.finalize(session, self._release_session_budget, budget.label)
         return session
 
     def forget_session(self, session: UsageSession) -> None:
@@ -627,9 +633,14 @@ class UsageTracker:
             )
             if label is None:
                 return
-            owners = self._session_budget_owners[label]
-            owners.discard(session)
-            if owners:
+            self._session_budget_owners[label].discard(session)
+        self._release_session_budget(label)
+
+    def _release_session_budget(self, label: str) -> None:
+        """The last session sharing a session budget has closed (or been collected)."""
+        with self._budget_lock:
+            owners = self._session_budget_owners.get(label)
+            if owners is None or any(True for _ in owners):  # iteration skips the dead
                 return
             del self._session_budget_owners[label]
             budget = self._session_budgets.pop(label)

@@ -23,8 +23,7 @@ Notes for users:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Any
 from uuid import UUID
@@ -427,16 +426,21 @@ _session_var: ContextVar[UsageCallbackHandler | None] = ContextVar(
 register_configure_hook(_session_var, inheritable=True)
 
 
-@contextmanager
-def _capture_in_session() -> Iterator[None]:
-    token = _session_var.set(_session_handler)
-    try:
-        yield
-    finally:
-        _session_var.reset(token)
+class _CaptureInSession:
+    """Entered with each session: LangChain calls made inside get the session handler.
+
+    A class, not a generator: a session never exited is garbage-collected, and closing a
+    generator then would reset the variable under sessions entered after it.
+    """
+
+    def __enter__(self) -> None:
+        self._token = _session_var.set(_session_handler)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _session_var.reset(self._token)
 
 
-register_session_hook(_capture_in_session)
+register_session_hook(_CaptureInSession)
 
 
 # -------------------------------------------------------------------- extraction
