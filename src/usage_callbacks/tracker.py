@@ -145,7 +145,7 @@ class UsageTracker:
         if self.dimensions:
             self.store.index_dimensions(self.dimensions)
         self.pricer = Pricer(prices)
-        self.runs = RunRegistry()
+        self.runs = RunRegistry(reservation_ttl, self._abandon)
         self.durable = durable
         self.reservation_ttl = reservation_ttl
         self.default_output_allowance = default_output_allowance
@@ -366,6 +366,17 @@ class UsageTracker:
         """Drop a reservation whose call never happened (never raises)."""
         if reservation is not None:
             self._allowances.release(reservation.id, reservation.charges)
+
+    def _abandon(self, states: list[RunState]) -> None:
+        """Calls whose end never came within the reservation TTL: release their holds."""
+        for state in states:
+            self.release(state.reservation)
+        logger.warning(
+            "%d calls started over %s ago and never ended (no end or error event); "
+            "forgotten, and their budget holds released",
+            len(states),
+            self.reservation_ttl,
+        )
 
     def budget_status(self) -> list[BudgetStatus]:
         """Spend, holds and headroom of every budget for every key seen this period."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+import uuid
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -12,6 +15,7 @@ import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.globals import set_llm_cache
+from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnableLambda
 
 from tests.integrations.lc_models import CountingChatModel
@@ -327,3 +331,23 @@ def test_a_reported_zero_prompt_is_estimated_and_flagged_once_per_model(
     assert [r.completion_tokens for r in records] == [7, 7]
     assert all(r.estimated and r.prompt_tokens > 5 for r in records)
     assert sum("reported 0 input tokens" in m for m in caplog.messages) == 1
+
+
+def test_calls_whose_end_never_comes_are_forgotten_after_the_ttl(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A start event without its end used to stay for good (7 MB per 10,000 calls, and a
+    budget's hold with it until the TTL)."""
+    tracker = UsageTracker(
+        "memory://",
+        budgets=[Budget(limit_tokens=10**9)],
+        reservation_ttl=timedelta(milliseconds=20),
+    )
+    handler = UsageCallbackHandler(tracker)
+    with tracker:
+        for index in range(3000):
+            if index % 500 == 0:
+                time.sleep(0.05)  # older than the TTL: those before are abandoned
+            handler.on_chat_model_start({}, [[HumanMessage("hi")]], run_id=uuid.uuid4())
+        assert len(tracker.runs) < 2000
+        assert "calls started over 0:00:00.020000 ago and never ended" in caplog.text
