@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.provider_server import ProviderServer
+from tests.e2e.provider_server import REPLY, ProviderServer
 
 
 @pytest.fixture(scope="module")
@@ -20,4 +20,5 @@ def _server() -> Iterator[ProviderServer]:
 def server(_server: ProviderServer) -> ProviderServer:
     _server.reset()
     _server.cached = _server.cache_write = _server.reasoning = 0
+    _server.reply = REPLY
     return _server

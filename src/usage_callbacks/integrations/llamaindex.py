@@ -13,8 +13,13 @@ Two event systems, one count:
   handler exceptions, so it records and never refuses.
 
 Wiring both is safe: calls seen by a CallbackManager handler of the same tracker are
-skipped by the event handler, and ``CustomLLM``'s nested chat -> complete events count
-as one call. Inside ``with tracker.session(...)`` both are wired for you.
+skipped by the event handler. Calls are paired by span, not by model: an LLM call inside
+another's span is part of it (``CustomLLM``'s chat -> complete, ``as_structured_llm``'s
+wrapped LLM: one record, with the inner provider usage), while interleaved streams and
+calls made during a stream are each their own. A call ends with its end event, its
+exception, its span's drop (a failed non-streaming call sends nothing else), or, for a
+stream handed out and never read, its garbage collection (nothing billed; budget hold
+released). Inside ``with tracker.session(...)`` both are wired for you.
 
 Attribution (workflow step, agent, run names, ``instrument_tags`` dimensions) comes from
 the spans in flight: see ``llamaindex_spans``.
@@ -31,10 +36,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -71,7 +76,7 @@ from usage_callbacks.attribution import Dimensions, check_given_dimensions, merg
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.held_calls import HeldCalls
 from usage_callbacks.integrations.llamaindex_reach import budget_reach
-from usage_callbacks.integrations.llamaindex_spans import span_tree
+from usage_callbacks.integrations.llamaindex_spans import listen_to_span_ends, span_tree
 from usage_callbacks.readers import UsageSource, normalize_usage
 from usage_callbacks.runs import RunState
 from usage_callbacks.sessions import (
@@ -159,13 +164,6 @@ class _RecentSet:
 
 
 _counted_spans = _RecentSet()
-# Calls open in this context as (model identity, key), one record per event system: a
-# CustomLLM's chat -> complete nests, and the dispatcher's start event precedes the
-# CallbackManager's for the same call. A pair counts only while its handler still has
-# the call open, so a stream dropped without an end event cannot mask later calls.
-_OpenCalls = ContextVar[tuple[tuple[str, str], ...]]
-_open_callback_calls: _OpenCalls = ContextVar("usage_callbacks_li_cb_open", default=())
-_open_event_calls: _OpenCalls = ContextVar("usage_callbacks_li_ev_open", default=())
 # Latest streamed text per span, for streams that end in an exception.
 _streamed: OrderedDict[str, str] = OrderedDict()
 _streamed_lock = threading.Lock()
@@ -173,27 +171,8 @@ _streamed_lock = threading.Lock()
 _held = HeldCalls()
 
 
-def _open_call(
-    open_calls: _OpenCalls, identity: str, key: str, still_open: Callable[[str], bool]
-) -> bool:
-    """Mark a call open; False when a call of the same model is open already (nested)."""
-    current = open_calls.get()
-    if not current:  # the common case: no call open in this context
-        open_calls.set(((identity, key),))
-        return True
-    live = tuple(pair for pair in current if still_open(pair[1]))
-    if any(open_identity == identity for open_identity, _ in live):
-        return False
-    open_calls.set((*live, (identity, key)))
-    return True
-
-
-def _forget_open_call(open_calls: _OpenCalls, key: str) -> None:
-    current = open_calls.get()
-    if len(current) == 1 and current[0][1] == key:  # the common case: the only open call
-        open_calls.set(())
-    elif current:
-        open_calls.set(tuple(pair for pair in current if pair[1] != key))
+def _is_stream(result: Any) -> bool:
+    return isinstance(result, (Generator, AsyncGenerator))
 
 
 def _remember_stream(span_id: str | None, text: str) -> None:
@@ -213,11 +192,6 @@ def _streamed_text(span_id: str | None) -> str:
 
 
 # -------------------------------------------------------------------- extraction
-
-
-def _model_identity(payload: dict[str, Any], model: str | None) -> str:
-    """Class and model: nested events of one call share it (chat -> complete)."""
-    return f"{payload.get('class_name')}:{model}"
 
 
 def _model_name(payload: dict[str, Any]) -> str | None:
@@ -319,10 +293,18 @@ class _Call:
     kwargs: dict[str, Any]
     parent_id: str | None
     span_id: str | None
+    #: provider usage of the LLM calls made inside this one (StructuredLLM's wrapped LLM)
+    nested_usage: TokenUsage | None = None
 
     @property
     def class_name(self) -> str:
         return str(self.payload.get("class_name") or "")
+
+    def add_nested(self, response: Any, class_name: str) -> None:
+        """Count the provider usage of a call made inside this one."""
+        usage = _provider_usage(response, _raw_source(class_name))
+        if usage is not None:
+            self.nested_usage = usage if self.nested_usage is None else self.nested_usage + usage
 
 
 def _start_run(
@@ -393,6 +375,7 @@ def _finish_run(
     chunks: Sequence[str] | None = None,
     error: BaseException | None = None,
     streamed: str = "",
+    nested_usage: TokenUsage | None = None,
 ) -> None:
     _held.discard(key)
     state = tracker.runs.finish(key)
@@ -403,8 +386,20 @@ def _finish_run(
         texts = [chunk for chunk in (chunks or []) if isinstance(chunk, str)]
         usage = build_usage(embedding=count_texts_tokens(texts, model), estimated=True)
     else:
-        usage = _reported_usage(response, state) or _estimate(state, response, streamed, error)
+        usage = (
+            _reported_usage(response, state)
+            or nested_usage
+            or _estimate(state, response, streamed, error)
+        )
     tracker.record_run(state, usage, model=model, error=error)
+
+
+def _abandon_run(tracker: UsageTracker, key: str) -> None:
+    """A stream handed out and garbage-collected unread: nothing was sent, nothing billed;
+    its state and budget hold end here."""
+    state = tracker.runs.finish(key)
+    if state is not None:
+        tracker.release(state.reservation)
 
 
 def _estimate(
@@ -441,10 +436,19 @@ class UsageCallbackHandler(BaseCallbackHandler):
         self.tags = list(tags or [])
         #: given to every call this handler sees; instrument tags override them
         self.dimensions = check_given_dimensions(tracker.declared_dimensions, dimensions)
-        self._nested: set[str] = set()
-        self._opened: dict[str, tuple[str, str, str | None]] = {}
-        self._lock = threading.Lock()
+        self._init_state()
         _watch_streams()
+
+    def _init_state(self) -> None:
+        #: open calls by event id, and the event id of the open LLM call of each span
+        self._opened: dict[str, _Call] = {}
+        self._span_calls: dict[str, str] = {}
+        #: LLM events inside another open call: event id -> (that call, own class name)
+        self._nested: dict[str, tuple[_Call, str]] = {}
+        # re-entrant: a stream garbage-collected mid-update ends its call (_abandon)
+        self._lock = threading.RLock()
+        span_tree()  # nested calls are told by the spans they run in
+        listen_to_span_ends(self)
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
         return (self.tracker,)
@@ -524,16 +528,14 @@ class UsageCallbackHandler(BaseCallbackHandler):
         else:
             call_type, inputs = "completion", payload.get(_P_PROMPT)
         model = _model_name(serialized)
-        identity = _model_identity(serialized, model)
-        if call_type != "embedding" and not _open_call(
-            _open_callback_calls, identity, event_id, self._opened.__contains__
-        ):
+        if call_type != "embedding":
             with self._lock:
-                self._nested.add(event_id)  # chat -> complete inside one CustomLLM call
-            return None
-        with self._lock:
-            self._opened[event_id] = (call_type, identity, span_id)
-        return _Call(
+                outer = span_tree().enclosing(span_id, self._span_calls)
+                if outer is not None:  # part of that call: chat -> complete, StructuredLLM
+                    outer_call = self._opened[self._span_calls[outer]]
+                    self._nested[event_id] = (outer_call, str(serialized.get("class_name")))
+                    return None
+        call = _Call(
             key=event_id,
             call_type=call_type,
             payload=serialized,
@@ -544,17 +546,35 @@ class UsageCallbackHandler(BaseCallbackHandler):
             parent_id=parent_id or None,
             span_id=span_id,
         )
-
-    def _close(self, event_id: str, *, at_end: bool = False) -> tuple[str, str, str | None] | None:
-        """Forget an open call; at its end event, None for nested or unknown events."""
         with self._lock:
-            if at_end and event_id in self._nested:
-                self._nested.discard(event_id)
-                return None
-            opened = self._opened.pop(event_id, None)
-        if opened is not None and opened[0] != "embedding":
-            _forget_open_call(_open_callback_calls, event_id)
-        return opened
+            self._opened[event_id] = call
+            if span_id and call_type != "embedding":
+                self._span_calls[span_id] = event_id
+        return call
+
+    def _close(self, event_id: str) -> _Call | None:
+        """Forget an open call; None for unknown events."""
+        with self._lock:
+            call = self._opened.pop(event_id, None)
+            span = call.span_id if call is not None else None
+            if span and self._span_calls.get(span) == event_id:
+                del self._span_calls[span]
+        return call
+
+    def span_exited(self, span: str, result: Any) -> None:
+        """A stream handed out ends unread when it is garbage-collected."""
+        with self._lock:
+            event_id = self._span_calls.get(span)
+        if event_id is not None and _is_stream(result):
+            weakref.finalize(result, self._abandon, event_id)
+
+    def span_failed(self, span: str, error: BaseException | None) -> None:
+        return None  # the CallbackManager sends the call's end, with the exception
+
+    def _abandon(self, event_id: str) -> None:
+        if self._close(event_id) is not None:
+            for tracker in self._trackers(event_id, False):
+                _abandon_run(tracker, event_id)
 
     def on_event_end(
         self,
@@ -566,13 +586,19 @@ class UsageCallbackHandler(BaseCallbackHandler):
         if event_type not in _TRACKED_EVENTS:
             return
         try:
-            opened = self._close(event_id, at_end=True)
-            if opened is None:
-                return
             payload = payload or {}
-            error = payload.get(_P_EXCEPTION)
             response = payload.get(_P_RESPONSE) or payload.get(_P_COMPLETION)
-            streamed = _streamed_text(opened[2]) if error is not None else ""
+            with self._lock:
+                nested = self._nested.pop(event_id, None)
+            if nested is not None:
+                outer, class_name = nested
+                outer.add_nested(response, class_name)
+                return
+            call = self._close(event_id)
+            if call is None:
+                return
+            error = payload.get(_P_EXCEPTION)
+            streamed = _streamed_text(call.span_id) if error is not None else ""
             for tracker in self._trackers(event_id, False):
                 _finish_run(
                     tracker,
@@ -581,6 +607,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
                     chunks=payload.get(_P_CHUNKS),
                     error=error if isinstance(error, BaseException) else None,
                     streamed=streamed,
+                    nested_usage=call.nested_usage,
                 )
         except Exception:  # never break the user's call from an end hook
             logger.warning("usage tracking failed at an event end", exc_info=True)
@@ -595,9 +622,7 @@ class _SessionCallbackHandler(UsageCallbackHandler):
         self.session_id = None
         self.tags = []
         self.dimensions = ()
-        self._nested = set()
-        self._opened = {}
-        self._lock = threading.Lock()
+        self._init_state()
         self._routes = SessionRoutes()
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
@@ -618,9 +643,12 @@ class UsageEventHandler(BaseEventHandler):
     tags: list[str] = Field(default_factory=list)
     #: declared dimensions given to every call (checked by instrument())
     dimensions: Dimensions = ()
-    _calls: dict[str, _Call] = PrivateAttr(default_factory=dict)
-    _nested: set[str] = PrivateAttr(default_factory=set)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    #: open calls by span: one LLM call, or the embedding batches sent at once
+    _calls: dict[str, list[_Call]] = PrivateAttr(default_factory=dict)
+    #: LLM spans inside another open call: span -> (that call, own class name)
+    _nested: dict[str, tuple[_Call, str]] = PrivateAttr(default_factory=dict)
+    #: re-entrant: a stream garbage-collected mid-update ends its call (_abandon)
+    _lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
 
     @classmethod
     def class_name(cls) -> str:
@@ -628,6 +656,7 @@ class UsageEventHandler(BaseEventHandler):
 
     def model_post_init(self, context: Any) -> None:
         span_tree()  # calls are placed by the spans they run in
+        listen_to_span_ends(self)
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
         return (self.tracker,) if self.tracker is not None else ()
@@ -653,7 +682,6 @@ class UsageEventHandler(BaseEventHandler):
 
     def _start(self, event: BaseEvent, span: str) -> None:
         payload = dict(getattr(event, "model_dict", None) or {})
-        key = f"li-span:{span}:{type(event).__name__.replace('StartEvent', '')}"
         if isinstance(event, EmbeddingStartEvent):
             call_type: CallType = "embedding"
             inputs: Any = None
@@ -661,18 +689,18 @@ class UsageEventHandler(BaseEventHandler):
             call_type, inputs = "chat", event.messages
         else:
             call_type, inputs = "completion", getattr(event, "prompt", "")
-        model = _model_name(payload)
-        if call_type != "embedding" and not _open_call(
-            _open_event_calls, _model_identity(payload, model), span, self._calls.__contains__
-        ):
+        if call_type != "embedding":
             with self._lock:
-                self._nested.add(span)
-            return
+                outer = span_tree().enclosing(span, self._calls)
+                if outer is not None:  # part of that call: chat -> complete, StructuredLLM
+                    self._nested[span] = (self._calls[outer][0], str(payload.get("class_name")))
+                    return
+        key = event.id_  # the start event's uuid: one per call, even within one span
         call = _Call(
             key=key,
             call_type=call_type,
             payload=payload,
-            model=model,
+            model=_model_name(payload),
             provider=_provider(payload),
             inputs=inputs,
             kwargs=dict(getattr(event, "additional_kwargs", None) or {}),
@@ -681,7 +709,7 @@ class UsageEventHandler(BaseEventHandler):
         )
         trackers = self._trackers(key, True)
         with self._lock:
-            self._calls[span] = call
+            self._calls.setdefault(span, []).append(call)
         for tracker in trackers:
             _start_run(
                 tracker,
@@ -703,21 +731,67 @@ class UsageEventHandler(BaseEventHandler):
         streamed: str = "",
     ) -> None:
         with self._lock:
-            if span in self._nested:
-                self._nested.discard(span)
-                return
-            call = self._calls.pop(span, None)
-        if call is None:
-            return
-        if call.call_type != "embedding":
-            _forget_open_call(_open_event_calls, span)
+            nested = self._nested.pop(span, None)
+            call = None if nested else self._pop_call(span)
+        if nested is not None:
+            outer, class_name = nested
+            outer.add_nested(response, class_name)
+        elif call is not None:
+            self._finish(call, response=response, chunks=chunks, error=error, streamed=streamed)
+
+    def _pop_call(self, span: str) -> _Call | None:
+        """The oldest open call of ``span`` (caller holds the lock)."""
+        calls = self._calls.get(span)
+        if not calls:
+            return None
+        call = calls.pop(0)
+        if not calls:
+            del self._calls[span]
+        return call
+
+    def _finish(
+        self,
+        call: _Call,
+        *,
+        response: Any = None,
+        chunks: Sequence[str] | None = None,
+        error: BaseException | None = None,
+        streamed: str = "",
+    ) -> None:
         for tracker in self._trackers(call.key, False):
-            if (id(tracker), span) in _counted_spans:
+            if (id(tracker), call.span_id or "") in _counted_spans:
                 tracker.runs.finish(call.key)  # a CallbackManager handler counted it
                 continue
             _finish_run(
-                tracker, call.key, response=response, chunks=chunks, error=error, streamed=streamed
+                tracker,
+                call.key,
+                response=response,
+                chunks=chunks,
+                error=error,
+                streamed=streamed,
+                nested_usage=call.nested_usage,
             )
+
+    def span_failed(self, span: str, error: BaseException | None) -> None:
+        """A failed non-streaming call: LlamaIndex sends no end event, only the drop."""
+        with self._lock:
+            self._nested.pop(span, None)
+            calls = self._calls.pop(span, [])
+        for call in calls:
+            self._finish(call, error=error, streamed=_streamed_text(span))
+
+    def span_exited(self, span: str, result: Any) -> None:
+        """A stream handed out ends unread when it is garbage-collected."""
+        if _is_stream(result) and (span in self._calls or span in self._nested):
+            weakref.finalize(result, self._abandon, span)
+
+    def _abandon(self, span: str) -> None:
+        with self._lock:
+            self._nested.pop(span, None)
+            calls = self._calls.pop(span, [])
+        for call in calls:
+            for tracker in self._trackers(call.key, False):
+                _abandon_run(tracker, call.key)
 
 
 class _SessionEventHandler(UsageEventHandler):

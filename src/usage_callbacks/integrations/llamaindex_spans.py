@@ -8,6 +8,10 @@ entry from span enter to exit or drop). An LLM call's span walks up to find:
 - ``run_name``, the nearest span that is not the model's own, and the root span's name.
 Dimensions come from ``instrument_tags({...})``, LlamaIndex's metadata for a run.
 LlamaIndex has no conversation id, so ``thread_id`` stays empty.
+
+The tree also pairs calls: an LLM call inside an open call's span is part of it, and
+listeners hear when a span fails (the only end LlamaIndex gives a failed non-streaming
+call on the instrumentation side) or exits (handing out a stream that may never be read).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from typing import Any
+import weakref
+from collections.abc import Container
+from typing import Any, Protocol
 
 from llama_index.core.agent.workflow import BaseWorkflowAgent
 from llama_index.core.agent.workflow.workflow_events import AgentInput, AgentOutput, AgentSetup
@@ -43,6 +49,28 @@ class _PlacedSpan(BaseSpan):
     workflow: bool = False
     model: bool = False
     agent: str | None = None
+
+
+class SpanEndListener(Protocol):
+    def span_exited(self, span: str, result: Any) -> None: ...
+
+    def span_failed(self, span: str, error: BaseException | None) -> None: ...
+
+
+#: told of every span's end; weakly held (by id: pydantic handlers are unhashable)
+_listeners: weakref.WeakValueDictionary[int, SpanEndListener] = weakref.WeakValueDictionary()
+
+
+def listen_to_span_ends(listener: SpanEndListener) -> None:
+    _listeners[id(listener)] = listener
+
+
+def _tell_listeners(method: str, span: str, detail: Any) -> None:
+    for listener in list(_listeners.values()):
+        try:
+            getattr(listener, method)(span, detail)
+        except Exception:  # the dispatcher does not guard span handlers: never break the call
+            logger.warning("usage tracking failed at the end of span %s", span, exc_info=True)
 
 
 class SpanTree(BaseSpanHandler[_PlacedSpan]):
@@ -87,6 +115,7 @@ class SpanTree(BaseSpanHandler[_PlacedSpan]):
         result: Any | None = None,
         **kwargs: Any,
     ) -> _PlacedSpan | None:
+        _tell_listeners("span_exited", id_, result)
         return self.open_spans.get(id_)  # returned: the base class forgets it
 
     def prepare_to_drop_span(
@@ -97,7 +126,18 @@ class SpanTree(BaseSpanHandler[_PlacedSpan]):
         err: BaseException | None = None,
         **kwargs: Any,
     ) -> _PlacedSpan | None:
+        _tell_listeners("span_failed", id_, err)
         return self.open_spans.get(id_)  # returned: the base class forgets it
+
+    def enclosing(self, span_id: str | None, spans: Container[str]) -> str | None:
+        """The nearest span above ``span_id`` that is in ``spans``, if any."""
+        open_spans = self.open_spans
+        span = open_spans.get(span_id) if span_id else None
+        while span is not None and span.parent_id is not None:
+            if span.parent_id in spans:
+                return span.parent_id
+            span = open_spans.get(span.parent_id)
+        return None
 
     def attribution(self, span_id: str | None, declared: frozenset[str]) -> Attribution:
         """Where the call in span ``span_id`` runs, and the declared instrument tags."""
