@@ -572,9 +572,14 @@ class UsageCallbackHandler(BaseCallbackHandler):
         return None  # the CallbackManager sends the call's end, with the exception
 
     def _abandon(self, event_id: str) -> None:
-        if self._close(event_id) is not None:
-            for tracker in self._trackers(event_id, False):
-                _abandon_run(tracker, event_id)
+        call = self._close(event_id)
+        if call is None:
+            return
+        with self._lock:  # the calls inside it (CustomLLM's stream_complete) end with it
+            for inner in [key for key, (outer, _) in self._nested.items() if outer is call]:
+                del self._nested[inner]
+        for tracker in self._trackers(event_id, False):
+            _abandon_run(tracker, event_id)
 
     def on_event_end(
         self,
