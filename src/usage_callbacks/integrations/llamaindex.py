@@ -563,9 +563,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
 
     def span_exited(self, span: str, result: Any) -> None:
         """A stream handed out ends unread when it is garbage-collected."""
-        with self._lock:
-            event_id = self._span_calls.get(span)
-        if event_id is not None and _is_stream(result):
+        if _is_stream(result) and (event_id := self._span_calls.get(span)) is not None:
             weakref.finalize(result, self._abandon, event_id)
 
     def span_failed(self, span: str, error: BaseException | None) -> None:
