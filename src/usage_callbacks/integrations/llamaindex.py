@@ -514,6 +514,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
         """The call will not be made: forget it and release what any tracker held for it."""
         _held.refuse(event_id, trackers)
         self._close(event_id)
+        self._trackers(event_id, False)  # ends a session handler's route (it stayed for good)
 
     def _call(
         self, event_type: CBEventType, payload: dict[str, Any], event_id: str, parent_id: str
