@@ -484,6 +484,8 @@ class UsageCallbackHandler(BaseCallbackHandler):
             trackers = self._trackers(event_id, True)
             call = self._call(event_type, payload or {}, event_id, parent_id) if trackers else None
             if call is None:
+                if trackers:  # part of an open call (nested): no session route of its own
+                    self._trackers(event_id, False)
                 return event_id
             for tracker in trackers:
                 if call.span_id:  # the event handler of this tracker must skip this span
