@@ -171,8 +171,6 @@ class UsageTracker:
         self._charges_by_scope: dict[CallScope, tuple[Charge, ...]] = {}
         if isinstance(budgets, Budget):
             raise TypeError("budgets takes a list of budgets: budgets=[Budget(...)]")
-        for budget in budgets:
-            self.add_budget(budget)
         self._exporters: list[UsageExporter] = list(exporters)
         if log_usage:
             from usage_callbacks.exporters.log import LogExporter
@@ -187,15 +185,19 @@ class UsageTracker:
         )
         self._closed = False
         self._atexit = _register_exit_and_fork(self)
+        try:
+            for budget in budgets:
+                self.add_budget(budget)
+        except BaseException:  # a bad budget: stop the writer before the error reaches the caller
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ budgets
 
     def add_budget(self, budget: Budget) -> None:
         """Enforce ``budget`` from the next call on; its period starts from the spend the
         store already holds for it (records still queued are written first)."""
-        writer = getattr(self, "_writer", None)  # None while the constructor adds its own
-        if writer is not None:
-            writer.flush(30.0)
+        self._writer.flush(30.0)
         if not isinstance(budget, Budget):
             raise TypeError(f"add_budget takes a Budget, not {type(budget).__name__}")
         key = budget.per.removeprefix(DIMENSION_SCOPE)
