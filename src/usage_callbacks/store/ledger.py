@@ -346,17 +346,7 @@ class BudgetLedger:
         ).first()
         if seeded is None:
             for bucket, (pico, tokens) in self._recorded(connection, charge, now).items():
-                connection.execute(
-                    self._add_spend,
-                    {
-                        "budget": charge.label,
-                        "scope_key": charge.key,
-                        "bucket_start": bucket,
-                        "spent_pico": min(pico, _SATURATED),
-                        "spent_tokens": min(tokens, _SATURATED),
-                        "warned": False,
-                    },
-                )
+                self._add_to_bucket(connection, charge, bucket, pico, tokens)
             connection.execute(
                 self._insert(_seeds).on_conflict_do_nothing(),
                 {"budget": charge.label, "scope_key": charge.key, "seeded_at": now},
@@ -400,23 +390,29 @@ class BudgetLedger:
             amounts[1] += tokens
         return {bucket: (pico, tokens) for bucket, (pico, tokens) in buckets.items()}
 
+    def _add_to_bucket(
+        self, connection: Connection, charge: Charge, bucket: datetime, pico: int, tokens: int
+    ) -> None:
+        """Add spend to one counter row (created when new; saturating, as the counters are)."""
+        connection.execute(
+            self._add_spend,
+            {
+                "budget": charge.label,
+                "scope_key": charge.key,
+                "bucket_start": bucket,
+                "spent_pico": min(pico, _SATURATED),
+                "spent_tokens": min(tokens, _SATURATED),
+                "warned": False,
+            },
+        )
+
     def _book(
         self, connection: Connection, change: LeaseChange, now: datetime
     ) -> BudgetWarning | None:
         """Add the change's spend to its period buckets; a warning if warn_at is crossed."""
         charge = change.charge
         for bucket, (pico, tokens) in sorted(change.bookings.items()):
-            connection.execute(
-                self._add_spend,
-                {
-                    "budget": charge.label,
-                    "scope_key": charge.key,
-                    "bucket_start": bucket,
-                    "spent_pico": min(pico, _SATURATED),
-                    "spent_tokens": min(tokens, _SATURATED),
-                    "warned": False,
-                },
-            )
+            self._add_to_bucket(connection, charge, bucket, pico, tokens)
         if not change.bookings:
             return None
         return self._crossed_warning(connection, charge, max(change.bookings), now)
