@@ -42,6 +42,8 @@ def _left_over(tracker: UsageTracker, *handlers: object) -> dict[str, int]:
         "llamaindex session routes": len(li._session_callback_handler._routes._routes)
         + len(li._session_event_handler._routes._routes),
         "llamaindex spans": len(span_tree().open_spans),
+        "langchain held calls": len(lc._holds),
+        "llamaindex held calls": len(li._held),
     }
     for index, handler in enumerate(
         (*handlers, li._session_callback_handler, li._session_event_handler)

@@ -16,16 +16,34 @@ if TYPE_CHECKING:
     from usage_callbacks.tracker import UsageTracker
 
 
+#: How often ``add`` looks for entries whose calls no tracker follows any more.
+_PRUNE_EVERY = 1024
+
+
 class HeldCalls:
     """call id -> the trackers holding a reservation for it."""
 
     def __init__(self) -> None:
         self._by_call: dict[str, list[UsageTracker]] = {}
         self._lock = threading.Lock()
+        self._adds = 0
 
     def add(self, call_id: str, tracker: UsageTracker) -> None:
         with self._lock:
             self._by_call.setdefault(call_id, []).append(tracker)
+            self._adds += 1
+            if self._adds % _PRUNE_EVERY == 0:
+                self._prune()
+
+    def _prune(self) -> None:
+        """Drop calls no tracker follows any more (ended without an end event, forgotten
+        by their tracker after its TTL), so the table stays bounded by the calls in flight."""
+        for call_id in [
+            call_id
+            for call_id, trackers in self._by_call.items()
+            if all(tracker.runs.get(call_id) is None for tracker in trackers)
+        ]:
+            del self._by_call[call_id]
 
     def discard(self, call_id: str) -> None:
         """The call ended: its trackers settle their own reservations."""

@@ -397,6 +397,7 @@ def _finish_run(
 def _abandon_run(tracker: UsageTracker, key: str) -> None:
     """A stream handed out and garbage-collected unread: nothing was sent, nothing billed;
     its state and budget hold end here."""
+    _held.discard(key)
     state = tracker.runs.finish(key)
     if state is not None:
         tracker.release(state.reservation)
