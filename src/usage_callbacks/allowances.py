@@ -209,8 +209,8 @@ class BudgetAllowances:
             return []
         try:
             return self._renew(due, now, slices=False, keep_spare=True).warnings
-        except Exception:  # the ledger is away: log, and try again next beat
-            logger.warning("renewing budget holds failed; will retry", exc_info=True)
+        except Exception as error:  # the ledger is away: say why (not the SQL), retry next beat
+            logger.warning("renewing budget holds failed (%s); will retry", describe_failure(error))
             return []
 
     def _forget_idle(self, now: datetime) -> list[BudgetWarning]:
@@ -226,8 +226,10 @@ class BudgetAllowances:
             return []
         try:
             renewal = self._renew(idle, now, slices=False, keep_spare=False)
-        except Exception:  # the ledger is away: keep them, try again next beat
-            logger.warning("returning idle budget holds failed; will retry", exc_info=True)
+        except Exception as error:  # the ledger is away: keep them, try again next beat
+            logger.warning(
+                "returning idle budget holds failed (%s); will retry", describe_failure(error)
+            )
             return []
         for lease in idle:
             del self._leases[(lease.charge.label, lease.charge.key)]
