@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from usage_callbacks import UsageTracker
-from usage_callbacks.held_calls import _PRUNE_EVERY, HeldCalls
+from usage_callbacks.integrations.held_calls import _PRUNE_EVERY, HeldCalls
 from usage_callbacks.runs import RunState
 from usage_callbacks.store.models import utcnow
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     )
     from usage_callbacks.pricing import ModelPrice, PriceTable, calculate_cost, price
     from usage_callbacks.readers import normalize_usage
+    from usage_callbacks.runs import Reservation
     from usage_callbacks.sessions import UsageSession, active_sessions
     from usage_callbacks.store import (
         GroupSummary,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
         count_message_tokens,
         count_text_tokens,
     )
-    from usage_callbacks.tracker import Reservation, UsageExporter, UsageTracker
+    from usage_callbacks.tracker import UsageExporter, UsageTracker
     from usage_callbacks.usage import TokenUsage
 
 #: Public name -> the module that defines it.
@@ -67,7 +68,7 @@ _EXPORTS = {
     "EncodingUnavailableError": "usage_callbacks.tokens",
     "count_message_tokens": "usage_callbacks.tokens",
     "count_text_tokens": "usage_callbacks.tokens",
-    "Reservation": "usage_callbacks.tracker",
+    "Reservation": "usage_callbacks.runs",
     "UsageExporter": "usage_callbacks.tracker",
     "UsageTracker": "usage_callbacks.tracker",
     "TokenUsage": "usage_callbacks.usage",

@@ -12,14 +12,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from usage_callbacks.attribution import NO_ATTRIBUTION, Attribution
+from usage_callbacks.store.ledger import Charge
 from usage_callbacks.usage import CallType, TokenUsage
 
 if TYPE_CHECKING:
     from usage_callbacks.sessions import UsageSession
-    from usage_callbacks.tracker import Reservation
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Budget held for one call in flight; settle it by recording, or release it."""
+
+    id: str
+    charges: tuple[Charge, ...]
+    usd: Decimal
+    tokens: int
+    estimate: TokenUsage
 
 
 @dataclass

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import importlib
-import importlib.util
+import importlib.metadata
 import threading
 import uuid
 import weakref
@@ -22,14 +21,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
 from usage_callbacks.attribution import Dimensions
 from usage_callbacks.usage import TokenUsage, logger
 
 if TYPE_CHECKING:
     from usage_callbacks.store.models import UsageRecord
-    from usage_callbacks.tracker import UsageTracker
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,11 +37,10 @@ _active: contextvars.ContextVar[_SessionRefs] = contextvars.ContextVar(
     "usage_callbacks_sessions", default=()
 )
 
-#: Integrations that capture calls made with no handler; each is imported once, lazily.
-_INTEGRATIONS = {
-    "langchain_core": "usage_callbacks.integrations.langchain",
-    "llama_index.core": "usage_callbacks.integrations.llamaindex",
-}
+#: Integrations that capture calls made with no handler declare an entry point in this
+#: group (the module, which calls ``register_session_hook`` when imported); each is
+#: imported once, lazily, with the first session, so this module names no framework.
+INTEGRATIONS_GROUP = "usage_callbacks.integrations"
 _integrations_loaded = False
 _integrations_lock = threading.Lock()
 
@@ -64,21 +61,26 @@ def _load_integrations() -> None:
     with _integrations_lock:
         if _integrations_loaded:
             return
-        for framework, module in _INTEGRATIONS.items():
+        for entry in importlib.metadata.entry_points(group=INTEGRATIONS_GROUP):
             try:
-                available = importlib.util.find_spec(framework) is not None
-            except ModuleNotFoundError:
-                available = False
-            if available:
-                try:
-                    importlib.import_module(module)
-                except Exception:  # a broken framework install must not break sessions
-                    logger.warning(
-                        "could not load %s; its calls are not captured by sessions",
-                        module,
-                        exc_info=True,
-                    )
+                entry.load()
+            except ModuleNotFoundError as error:  # its framework is not installed: no calls
+                logger.debug("%s not loaded: %s", entry.value, error)
+            except Exception:  # a broken framework install must not break sessions
+                logger.warning(
+                    "could not load %s; its calls are not captured by sessions",
+                    entry.value,
+                    exc_info=True,
+                )
         _integrations_loaded = True
+
+
+class SessionOwner(Protocol):
+    """What a session needs of its tracker (the tracker imports sessions, not the reverse)."""
+
+    def forget_session(self, session: UsageSession) -> None:
+        """The session has closed: its budgets end with it."""
+        ...
 
 
 def active_sessions() -> tuple[UsageSession, ...]:
@@ -101,7 +103,7 @@ class UsageSession:
 
     def __init__(
         self,
-        tracker: UsageTracker,
+        tracker: SessionOwner,
         name: str | None = None,
         *,
         user_id: str | None = None,
@@ -236,30 +238,3 @@ class UsageSession:
             f"UsageSession({self.session_id!r}, calls={self.calls}, "
             f"total_tokens={usage.total}, cost_usd={usage.cost_estimate_usd})"
         )
-
-
-class SessionRoutes:
-    """For a handler that sessions inject: which trackers serve each call, start to end.
-
-    The trackers are those of the sessions open where the call starts; its end may come
-    from another context (a stream consumed elsewhere), so they are remembered by key.
-    """
-
-    def __init__(self) -> None:
-        self._routes: dict[str, tuple[UsageTracker, ...]] = {}
-        self._lock = threading.Lock()
-
-    def start(self, key: str) -> tuple[UsageTracker, ...]:
-        trackers = tuple(dict.fromkeys(session.tracker for session in active_sessions()))
-        if trackers:
-            with self._lock:
-                self._routes[key] = trackers
-        return trackers
-
-    def get(self, key: str) -> tuple[UsageTracker, ...]:
-        with self._lock:
-            return self._routes.get(key, ())
-
-    def finish(self, key: str) -> tuple[UsageTracker, ...]:
-        with self._lock:
-            return self._routes.pop(key, ())

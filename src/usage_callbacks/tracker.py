@@ -9,7 +9,6 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -37,7 +36,7 @@ from usage_callbacks.budgets import (
     describe_failure,
 )
 from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
-from usage_callbacks.runs import RunRegistry, RunState
+from usage_callbacks.runs import Reservation, RunRegistry, RunState
 from usage_callbacks.sessions import UsageSession, active_sessions, sessions_of
 from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
@@ -74,17 +73,6 @@ class UsageExporter(Protocol):
     """Receives every record as it is made (metrics, logs); must not raise or block."""
 
     def export(self, record: UsageRecord) -> None: ...
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Budget held for one call in flight; settle it by recording, or release it."""
-
-    id: str
-    charges: tuple[Charge, ...]
-    usd: Decimal
-    tokens: int
-    estimate: TokenUsage
 
 
 class UsageTracker:

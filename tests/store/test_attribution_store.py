@@ -11,7 +11,7 @@ from sqlalchemy.pool import NullPool
 
 from usage_callbacks import Budget, TokenUsage, UsageTracker
 from usage_callbacks.store import UsageFilter
-from usage_callbacks.store.models import SCHEMA_VERSION
+from usage_callbacks.store.models import SCHEMA_VERSION, records_table
 
 #: The tables as usage-callbacks schema v1 wrote them (before attribution).
 V1_SCHEMA = [
@@ -119,9 +119,7 @@ def test_attribution_filters_seek_their_index(sqlite_url: str) -> None:
 
 
 def _table() -> sa.Table:
-    from usage_callbacks.store.models import UsageRecord
-
-    return UsageRecord.__table__  # type: ignore[attr-defined,no-any-return]
+    return records_table
 
 
 def _attributed(tracker: UsageTracker) -> None:

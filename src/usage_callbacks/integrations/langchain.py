@@ -47,10 +47,11 @@ from usage_callbacks.attribution import (
     merge_dimensions,
 )
 from usage_callbacks.budgets import BudgetExceededError
-from usage_callbacks.held_calls import HeldCalls
+from usage_callbacks.integrations.held_calls import HeldCalls
+from usage_callbacks.integrations.session_routes import SessionRoutes
 from usage_callbacks.readers import UsageSource, normalize_usage, usage_from_langchain
 from usage_callbacks.runs import RunState
-from usage_callbacks.sessions import SessionRoutes, register_session_hook, sessions_of
+from usage_callbacks.sessions import register_session_hook, sessions_of
 from usage_callbacks.store.models import utcnow
 from usage_callbacks.tokens import (
     count_message_tokens,

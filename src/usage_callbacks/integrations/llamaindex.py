@@ -74,13 +74,13 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from usage_callbacks.attribution import Dimensions, check_given_dimensions, merge_dimensions
 from usage_callbacks.budgets import BudgetExceededError
-from usage_callbacks.held_calls import HeldCalls
+from usage_callbacks.integrations.held_calls import HeldCalls
 from usage_callbacks.integrations.llamaindex_reach import budget_reach
 from usage_callbacks.integrations.llamaindex_spans import listen_to_span_ends, span_tree
+from usage_callbacks.integrations.session_routes import SessionRoutes
 from usage_callbacks.readers import UsageSource, normalize_usage
 from usage_callbacks.runs import RunState
 from usage_callbacks.sessions import (
-    SessionRoutes,
     active_sessions,
     register_session_hook,
     sessions_of,

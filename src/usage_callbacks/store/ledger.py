@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, SQLModel
 
 from usage_callbacks.budgets import ANONYMOUS, Budget, BudgetExceededError, BudgetWarning
-from usage_callbacks.store.models import UsageRecord, UTCDateTime, pico_to_usd, usd_to_pico
+from usage_callbacks.store.models import UTCDateTime, pico_to_usd, records_table, usd_to_pico
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -109,7 +109,7 @@ _definitions = BudgetDefinition.__table__  # type: ignore[attr-defined]
 _counters = BudgetCounter.__table__  # type: ignore[attr-defined]
 _holds = BudgetHold.__table__  # type: ignore[attr-defined]
 _seeds = BudgetSeed.__table__  # type: ignore[attr-defined]
-_records = UsageRecord.__table__  # type: ignore[attr-defined]
+_records = records_table
 #: The record column each scope's key names (None: every record counts).
 _SCOPE_COLUMNS = {
     "user": _records.c.user_id,

@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
-import sqlalchemy.orm
+from pydantic import ConfigDict
 from sqlmodel import Field, SQLModel
 
 from usage_callbacks.usage import TokenUsage, trusted_instance
@@ -120,27 +120,8 @@ class _RecordIds:
 new_record_id = _RecordIds()
 
 
-class UsageRecord(SQLModel, table=True):
-    """One tracked call: its TokenUsage plus who, what, when and how it went."""
-
-    __tablename__: ClassVar[str] = "usage_records"
-    __table_args__ = (
-        sa.Index("ix_usage_records_ended_at", "ended_at"),
-        sa.Index("ix_usage_records_user_ended", "user_id", "ended_at"),
-        sa.Index("ix_usage_records_session_ended", "session_id", "ended_at"),
-        sa.Index("ix_usage_records_model_ended", "model", "ended_at"),
-        # attribution: partial, so calls without one cost their index nothing
-        *(
-            sa.Index(
-                f"ix_usage_records_{name}_ended",
-                name,
-                "ended_at",
-                sqlite_where=sa.text(f"{name} IS NOT NULL"),
-                postgresql_where=sa.text(f"{name} IS NOT NULL"),
-            )
-            for name in ("node", "agent", "thread_id", "run_name", "root_run_name")
-        ),
-    )
+class _RecordColumns(SQLModel):
+    """The columns of one tracked call, declared once for the value and the table row."""
 
     id: str = Field(default_factory=new_record_id, primary_key=True, max_length=32)
     started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -185,38 +166,67 @@ class UsageRecord(SQLModel, table=True):
     estimated: bool = False
     service_tier: str | None = Field(default=None, max_length=32)
 
+
+class UsageRecord(_RecordColumns):
+    """One tracked call: its TokenUsage plus who, what, when and how it went.
+
+    A plain immutable value (reads, copies, pickles, ``==``; assigning a field raises):
+    what ``record()``, ``records()`` and exporters hand out. The database row is
+    ``UsageRow``, built only by the stores. ``UsageRow(**record.model_dump())`` turns a
+    record into one for an ORM session of your own.
+    """
+
+    # SQLModel types its config as its own TypedDict, which it does not export
+    model_config = ConfigDict(frozen=True)  # type: ignore[assignment]
+
+    def __hash__(self) -> int:
+        # the id is unique per call, and equal records have equal ids; the fields
+        # themselves include a list and a dict, which pydantic's frozen hash cannot take
+        return hash(self.id)
+
     @property
     def usage(self) -> TokenUsage:
-        return TokenUsage.model_construct(
-            **{name: getattr(self, name) for name in USAGE_COLUMNS},
-        )
+        return trusted_instance(TokenUsage, {name: self.__dict__[name] for name in USAGE_COLUMNS})
 
     def row(self) -> dict[str, Any]:
-        """Column values for a bulk insert (bypasses ORM unit-of-work overhead)."""
-        values = self.__dict__
-        return {
-            name: values[name] if name in values else getattr(self, name) for name in RECORD_COLUMNS
-        }
+        """Column values for a bulk insert."""
+        return dict(self.__dict__)
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> UsageRecord:
-        """A detached snapshot of a call from complete, already valid column values; the
-        record takes ``values`` as its own ``__dict__``.
-
-        Skips validation and SQLAlchemy's per-instance state: fields read, serialize and
-        are written by the stores as usual, but the record is not for an ORM session.
-        ~10x cheaper than ``UsageRecord(**values)`` and with three fewer objects for the
-        garbage collector to trace while the record waits in the write queue.
-        """
+        """A record from complete, already valid column values, which it takes as its own
+        ``__dict__``: ~10x cheaper than ``UsageRecord(**values)``, for the hot path and
+        rows read back from the database. Validates nothing but the set of names."""
         if len(values) != len(_COLUMN_SET):  # cheap; the set difference only on error
             names = set(values)
             raise ValueError(
                 f"from_values needs exactly the columns; missing {sorted(_COLUMN_SET - names)}, "
                 f"unknown {sorted(names - _COLUMN_SET)}"
             )
-        if not _MAPPER.configured:  # the column descriptors reads go through
-            sa.orm.configure_mappers()
         return trusted_instance(cls, values)
+
+
+class UsageRow(_RecordColumns, table=True):
+    """The ``usage_records`` table: only the stores build and read rows of it."""
+
+    __tablename__: ClassVar[str] = "usage_records"
+    __table_args__ = (
+        sa.Index("ix_usage_records_ended_at", "ended_at"),
+        sa.Index("ix_usage_records_user_ended", "user_id", "ended_at"),
+        sa.Index("ix_usage_records_session_ended", "session_id", "ended_at"),
+        sa.Index("ix_usage_records_model_ended", "model", "ended_at"),
+        # attribution: partial, so calls without one cost their index nothing
+        *(
+            sa.Index(
+                f"ix_usage_records_{name}_ended",
+                name,
+                "ended_at",
+                sqlite_where=sa.text(f"{name} IS NOT NULL"),
+                postgresql_where=sa.text(f"{name} IS NOT NULL"),
+            )
+            for name in ("node", "agent", "thread_id", "run_name", "root_run_name")
+        ),
+    )
 
 
 #: The TokenUsage columns: token counts, then cost, then the estimated flag and tier.
@@ -240,12 +250,14 @@ USAGE_COLUMNS = (
     "service_tier",
 )
 RECORD_COLUMNS = tuple(UsageRecord.model_fields)
+#: The table the stores read and write.
+records_table: sa.Table = UsageRow.__table__  # type: ignore[attr-defined]
 #: Text columns and their widths: PostgreSQL refuses a longer value, and one refused row
 #: would fail its whole batch on every retry. (The id is ours.)
 _TEXT_WIDTHS: tuple[tuple[str, int], ...] = tuple(
-    (column.name, column.type.length)
-    for column in UsageRecord.__table__.columns  # type: ignore[attr-defined]
-    if getattr(column.type, "length", None) and column.name != "id"
+    (column.name, length)
+    for column in records_table.columns
+    if (length := getattr(column.type, "length", None)) and column.name != "id"
 )
 
 
@@ -281,7 +293,6 @@ def utf8_text(value: str, name: str) -> str:
 
 
 _COLUMN_SET = frozenset(RECORD_COLUMNS)
-_MAPPER = sa.inspect(UsageRecord)
 
 
 class SchemaInfo(SQLModel, table=True):

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
-from sqlmodel import Session, SQLModel, select
+from sqlmodel import SQLModel
 
 from usage_callbacks.attribution import check_dimension_keys
 from usage_callbacks.files import create_private
@@ -39,6 +39,7 @@ from usage_callbacks.store.models import (
     SchemaInfo,
     UsageRecord,
     pico_to_usd,
+    records_table,
 )
 from usage_callbacks.store.sqlite_insert import SqliteBulkInsert
 from usage_callbacks.usage import MAX_TOKENS_PER_CALL, TokenUsage
@@ -316,7 +317,7 @@ class SqlStore:
             if self._bulk_insert is not None:
                 self._bulk_insert.execute(connection, records)
             else:
-                table = UsageRecord.__table__  # type: ignore[attr-defined]
+                table = records_table
                 statement = postgresql.insert(table).on_conflict_do_nothing(index_elements=["id"])
                 connection.execute(statement, [record.row() for record in records])
         if self._file is not None and _identity(self._file) != self._file_identity:
@@ -356,7 +357,7 @@ class SqlStore:
 
         Partial (only rows with dimensions), on the very expression filters use.
         """
-        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        table = records_table
         with self._schema_change() as connection:
             for key in check_dimension_keys(keys):
                 expression = self._dimension_sql(key)
@@ -377,12 +378,12 @@ class SqlStore:
 
     def stored_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored already."""
-        column = UsageRecord.__table__.c.id  # type: ignore[attr-defined]
+        column = records_table.c.id
         with self.lock, self.engine.connect() as connection:
             return set(connection.execute(sa.select(column).where(column.in_(ids))).scalars())
 
     def purge(self, before: datetime, where: UsageFilter | None = None) -> int:
-        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        table = records_table
         statement = self._where(sa.delete(table), where or UsageFilter())
         with self.engine.begin() as connection:
             result = connection.execute(statement.where(table.c.ended_at < before))
@@ -393,14 +394,18 @@ class SqlStore:
     def records(
         self, where: UsageFilter, limit: int | None = None, newest_first: bool = False
     ) -> list[UsageRecord]:
-        order = (UsageRecord.ended_at, UsageRecord.id)
-        statement = self._where(select(UsageRecord), where).order_by(
-            *(sa.desc(column) for column in order) if newest_first else order  # type: ignore[arg-type]
+        c = records_table.c
+        order = (c.ended_at, c.id)
+        statement = self._where(sa.select(records_table), where).order_by(
+            *(sa.desc(column) for column in order) if newest_first else order
         )
         if limit is not None:
             statement = statement.limit(limit)
-        with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.exec(statement))
+        return self._read(statement)
+
+    def _read(self, statement: sa.Select[Any]) -> list[UsageRecord]:
+        with self.lock, self.engine.connect() as connection:
+            return [_record(row) for row in connection.execute(statement)]
 
     def daily_by_model(self, where: UsageFilter, *, hourly: bool = False) -> list[DailyUsage]:
         """Spend and tokens per UTC day (or hour: ``YYYY-MM-DD HH``) and model, for charts."""
@@ -413,7 +418,7 @@ class SqlStore:
     def _daily_by_model(
         self, where: UsageFilter, *, hourly: bool, checked: bool
     ) -> list[DailyUsage]:
-        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        c = records_table.c
         day = self._hour_column() if hourly else self._group_column("day")
         query = (
             self._where(
@@ -454,45 +459,40 @@ class SqlStore:
         return _largest_first(pairs)[0]
 
     def _hour_column(self) -> sa.ColumnElement[Any]:
-        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        c = records_table.c
         if self.dialect == "sqlite":
             return sa.func.strftime("%Y-%m-%d %H", c.ended_at)
         return sa.func.to_char(c.ended_at, "YYYY-MM-DD HH24")
 
     def costliest(self, where: UsageFilter, limit: int) -> list[UsageRecord]:
         """The ``limit`` most expensive calls ``where`` selects."""
-        cost = sa.type_coerce(UsageRecord.__table__.c.cost_estimate_usd, sa.BigInteger)  # type: ignore[attr-defined]
-        statement = self._where(select(UsageRecord), where).order_by(sa.desc(cost)).limit(limit)
-        with self.lock, Session(self.engine, expire_on_commit=False) as session:
-            return list(session.exec(statement))
+        cost = sa.type_coerce(records_table.c.cost_estimate_usd, sa.BigInteger)
+        statement = self._where(sa.select(records_table), where)
+        return self._read(statement.order_by(sa.desc(cost)).limit(limit))
 
     def failures(self, where: UsageFilter, limit: int) -> list[UsageRecord]:
         """The latest ``limit`` calls that ended in an error."""
-        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        c = records_table.c
         statement = (
-            self._where(select(UsageRecord), where)
+            self._where(sa.select(records_table), where)
             .where(c.status != "ok")
             .order_by(sa.desc(c.ended_at))
             .limit(limit)
         )
-        with self.lock, Session(self.engine, expire_on_commit=False) as session:
-            return list(session.exec(statement))
+        return self._read(statement)
 
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
-        statement = self._where(select(UsageRecord), where).order_by(
-            UsageRecord.ended_at,
-            UsageRecord.id,
-        )
-        with Session(self.engine) as session:
-            result = session.exec(statement.execution_options(yield_per=chunk_size))
-            for record in result:
-                session.expunge(record)
-                yield record
+        c = records_table.c
+        statement = self._where(sa.select(records_table), where).order_by(c.ended_at, c.id)
+        with self.engine.connect() as connection:
+            rows = connection.execution_options(yield_per=chunk_size).execute(statement)
+            for row in rows:
+                yield _record(row)
 
     def _where(self, statement: Any, where: UsageFilter, *, checked: bool = False) -> Any:
         """``statement`` narrowed to ``where``; ``checked`` also leaves out rows that break
         TokenUsage's rules (slow: only once a read found such rows)."""
-        columns = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        columns = records_table.c
         if checked:
             statement = statement.where(_valid_row())
         for name in _FILTER_COLUMNS:
@@ -510,7 +510,7 @@ class SqlStore:
         return statement
 
     def _group_column(self, level: str | None, index: int = 0) -> sa.ColumnElement[Any]:
-        columns = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        columns = records_table.c
         label = f"group_key{index or ''}"
         if level is None:
             return sa.literal("all").label(label)
@@ -564,7 +564,7 @@ class SqlStore:
 
     def _warn_bad_rows(self, where: UsageFilter) -> None:
         """Say how many stored rows a read leaves out, and why."""
-        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        table = records_table
         query = self._where(sa.select(sa.func.count()).select_from(table), where).where(
             sa.not_(_valid_row())
         )
@@ -622,7 +622,7 @@ class SqlStore:
         SQLite sorts every row for a GROUP BY; two passes (sums, then histogram) paid
         for that twice. total_tokens leads: the sorter compares an integer key faster.
         """
-        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        c = records_table.c
         groups = self._group_columns(levels)
         width = len(groups)
         query = self._where(
@@ -642,7 +642,7 @@ class SqlStore:
     ) -> _GroupRows:
         """Sums per group, then a histogram: PostgreSQL hashes both, whereas one pass
         carrying the sums per (total_tokens, group) sorted (and spilled) instead."""
-        c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+        c = records_table.c
         groups = self._group_columns(levels)
         width = len(groups)
         sums_query = self._where(
@@ -699,7 +699,7 @@ class SqlStore:
             or any(getattr(where, name) is not None for name in _INDEXED_FILTERS)
         ):
             return []
-        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        table = records_table
         # one subquery each: SQLite seeks a lone min() or max(), but scans for both
         low, high = connection.execute(
             sa.select(
@@ -721,7 +721,7 @@ class SqlStore:
     def _count_in_period(self, connection: sa.Connection, where: UsageFilter) -> int:
         """Records in the since/until period, counted from the ended_at index alone."""
         period = UsageFilter(since=where.since, until=where.until)
-        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        table = records_table
         query = self._where(sa.select(sa.func.count()).select_from(table), period)
         return int(connection.execute(query).scalar_one())
 
@@ -779,7 +779,7 @@ def _sum_columns(*, wide: bool = False) -> list[sa.ColumnElement[Any]]:
 
     first/last come back as stored (text on SQLite), not parsed for every row.
     """
-    c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+    c = records_table.c
     # sum exact integer pico-USD, not the Decimal the column type returns
     pico = sa.type_coerce(c.cost_estimate_usd, sa.BigInteger)
     cost = (
@@ -803,7 +803,7 @@ def _sum_columns(*, wide: bool = False) -> list[sa.ColumnElement[Any]]:
 def _valid_row() -> sa.ColumnElement[bool]:
     """A stored row TokenUsage would accept (counts are checked when recorded; a row
     written by hand, by another program or by an older version may not be)."""
-    c = UsageRecord.__table__.c  # type: ignore[attr-defined]
+    c = records_table.c
     counts = [c[name] for name in _SUMMED[:-1]]
     rules = [sa.and_(count >= 0, count <= MAX_TOKENS_PER_CALL) for count in counts]
     rules += [
@@ -974,3 +974,8 @@ def _aware(value: Any) -> datetime | None:
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
     assert isinstance(moment, datetime)
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _record(row: sa.Row[Any]) -> UsageRecord:
+    """A stored row as the record value (its column types already converted it)."""
+    return UsageRecord.from_values(dict(row._mapping))

@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
-from usage_callbacks.store.models import RECORD_COLUMNS, UsageRecord
+from usage_callbacks.store.models import RECORD_COLUMNS, UsageRecord, records_table
 
 #: Rows per statement at most; fewer where SQLite allows fewer bound variables.
 MAX_ROWS_PER_STATEMENT = 1024
@@ -31,7 +31,7 @@ class SqliteBulkInsert:
     """The usage-record INSERT for one SQLite engine, with each column's bind processor."""
 
     def __init__(self, dialect: sa.Dialect) -> None:
-        table = UsageRecord.__table__  # type: ignore[attr-defined]
+        table = records_table
         statement = sqlite.insert(table).on_conflict_do_nothing(index_elements=["id"])
         compiled = statement.compile(dialect=dialect, column_keys=list(RECORD_COLUMNS))
         names = tuple(compiled.positiontup or ())
