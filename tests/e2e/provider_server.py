@@ -1,9 +1,10 @@
-"""A loopback HTTP server speaking the OpenAI and Anthropic wire formats, and billing.
+"""A loopback HTTP server speaking the OpenAI, Anthropic and Ollama wire formats, and billing.
 
-Real SDK clients (langchain-openai, langchain-anthropic, llama-index-llms-openai,
-llama-index-embeddings-openai) talk to it as to the providers. Every response carries
-deterministic usage, and ``server.billed`` keeps what was billed per request, so tests
-compare what usage-callbacks recorded with what the "provider" charged, token for token.
+Real SDK clients (langchain-openai, langchain-anthropic, langchain-ollama,
+llama-index-llms-openai, -anthropic and -ollama, llama-index-embeddings-openai) talk to it
+as to the providers. Every response carries deterministic usage, and ``server.billed``
+keeps what was billed per request, so tests compare what usage-callbacks recorded with
+what the "provider" charged, token for token.
 
 Billing rules (deterministic, non-trivial), reported as the current APIs report them:
 - chat prompt = 11 + characters of all message text, tool schemas and tool-call
@@ -18,6 +19,8 @@ Billing rules (deterministic, non-trivial), reported as the current APIs report 
   Responses API (``/responses``) bills like chat, in its own usage shape;
 - Anthropic's ``message_delta`` usage is cumulative; ``web_searches`` server-side
   searches are reported under ``server_tool_use``;
+- Ollama's ``/api/chat`` reports ``prompt_eval_count`` and ``eval_count`` in its last
+  object (streamed as NDJSON unless ``stream`` is false);
 - embeddings: the number of token ids sent, or tiktoken's count of the texts sent.
 """
 
@@ -102,6 +105,10 @@ class ProviderServer:
                     server._openai_embeddings(self, body)
                 elif route.endswith("/messages"):
                     server._anthropic(self, body)
+                elif route == "/api/chat":
+                    server._ollama_chat(self, body)
+                elif route == "/api/show":  # model details, asked for the context window
+                    _json(self, {"model_info": {"llama.context_length": 131072}})
                 else:
                     self.send_error(404)
 
@@ -448,6 +455,59 @@ class ProviderServer:
             yield "message_stop", {"type": "message_stop"}
 
         _sse(handler, events(), done=False)
+
+    # ------------------------------------------------------------------ Ollama
+
+    def _ollama_chat(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        """``/api/chat``: the counts come with the last (``done``) object only, the prompt
+        in full whether or not Ollama's cache held it (ollama#5371)."""
+        words = self._completion_words()
+        bill = self._bill(
+            Bill("ollama.chat", body["model"], prompt=self._prompt(body), completion=len(words))
+        )
+        done = {
+            "model": body["model"],
+            "created_at": "2026-12-02T10:00:00Z",
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": 5_191_566_416,
+            "load_duration": 2_154_458,
+            "prompt_eval_count": bill.prompt,
+            "prompt_eval_duration": 383_809_000,
+            "eval_count": bill.completion,
+            "eval_duration": 4_799_921_000,
+        }
+        if body.get("stream", True):  # Ollama streams unless told not to
+            _ndjson(
+                handler,
+                iter(
+                    [
+                        *(
+                            {
+                                "model": body["model"],
+                                "created_at": "2026-12-02T10:00:00Z",
+                                "message": {"role": "assistant", "content": word},
+                                "done": False,
+                            }
+                            for word in words
+                        ),
+                        {**done, "message": {"role": "assistant", "content": ""}},
+                    ]
+                ),
+            )
+        else:
+            _json(handler, {**done, "message": {"role": "assistant", "content": self.reply}})
+
+
+def _ndjson(handler: BaseHTTPRequestHandler, lines: Iterator[dict[str, Any]]) -> None:
+    """Ollama's stream: one JSON object per line."""
+    handler.send_response(200)
+    handler.send_header("content-type", "application/x-ndjson")
+    handler.end_headers()
+    for line in lines:
+        handler.wfile.write(json.dumps(line).encode() + b"\n")
+        handler.wfile.flush()
+    handler.close_connection = True
 
 
 def _text(content: Any) -> str:
