@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -241,3 +242,47 @@ def test_a_tracker_created_before_fork_records_in_the_children(
         tracker.close()
         _inherited = None
     assert {group.key: group.calls for group in summary.groups} == {"child": 1000, "parent": 51}
+
+
+def test_a_memory_tracker_forked_while_its_store_is_busy_works_in_the_child() -> None:
+    """The in-memory store's lock, held by another thread at the fork (the writer in
+    mid-batch), used to stay held in the child: its first read or write blocked for good."""
+    tracker = UsageTracker("memory://")
+    holding, release = threading.Event(), threading.Event()
+
+    def busy_store() -> None:
+        with tracker.store.lock:
+            holding.set()
+            release.wait(30)
+
+    busy = threading.Thread(target=busy_store)
+    busy.start()
+    try:
+        assert holding.wait(10)
+        child = os.fork()
+        if child == 0:
+            ok = False
+            try:
+                tracker.record(TokenUsage(prompt_tokens=3), user_id="child")
+                ok = tracker.flush(timeout=5) and len(tracker.records(user_id="child")) == 1
+            finally:
+                os._exit(0 if ok else 1)
+        status = _wait_or_kill(child, timeout=20)
+    finally:
+        release.set()
+        busy.join()
+        tracker.close()
+    assert status == 0, "the child blocked on the lock it inherited held"
+
+
+def _wait_or_kill(pid: int, timeout: float) -> int | None:
+    """The child's exit code, or None when it had to be killed after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None

@@ -20,11 +20,31 @@ from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.store.sql import SqlStore
 
 
+class _ForkSafeLock:
+    """A re-entrant lock that a forked child can replace: a child inherits the parent's
+    lock in whatever state the parent's threads left it, and one held by the writer
+    thread at the fork would block the child's every read and write for good."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+    def renew(self) -> None:
+        self._lock = threading.RLock()
+
+
 class MemoryStore(SqlStore):
     """Per-process, lock-serialized store; nothing survives the process."""
 
+    lock: _ForkSafeLock
+
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = _ForkSafeLock()
         super().__init__("memory://")
 
     def write(self, records: Sequence[UsageRecord]) -> None:
@@ -53,4 +73,11 @@ class MemoryStore(SqlStore):
             return super().summary(where, group_by)
 
     def reopen_in_child(self) -> None:
-        """The child keeps its copy of the database: its one connection is private memory."""
+        """The child keeps its copy of the database (its one connection is private memory),
+        with a lock of its own, and without a transaction a parent's thread left open."""
+        self.lock.renew()
+        connection = self.engine.raw_connection()
+        try:
+            connection.rollback()  # the parent's write in flight, if any: the parent's to keep
+        finally:
+            connection.close()
