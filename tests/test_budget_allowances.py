@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
+import weakref
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from usage_callbacks import Budget, BudgetExceededError, ModelPrice, TokenUsage, UsageTracker
+from usage_callbacks import (
+    Budget,
+    BudgetExceededError,
+    BudgetUnavailableError,
+    ModelPrice,
+    TokenUsage,
+    UsageTracker,
+)
 from usage_callbacks.store.ledger import BudgetLedger, BudgetStatus, Charge
 from usage_callbacks.store.models import utcnow
 
@@ -32,6 +44,15 @@ def _ledger_view(
     """What the ledger shows everyone, without booking or returning this tracker's hold."""
     [status] = tracker.store.ledger.status([Charge(budget or tracker.budgets[0], key)], utcnow())
     return status
+
+
+def _eventually(read: Callable[[], object], expected: object) -> None:
+    """Bookings run in the background thread (record() never waits for the ledger):
+    wait for ``read()`` to show ``expected``."""
+    deadline = time.monotonic() + 30
+    while read() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert read() == expected
 
 
 @pytest.fixture
@@ -65,8 +86,11 @@ def test_fraction_zero_books_every_call_at_once(url: str, renewals: list[int]) -
     with _worker(url, budget_lease_fraction=0) as worker, _worker(url) as reader:
         for calls in range(1, 4):
             _call(worker)
-            [status] = reader.budget_status()
-            assert (status.spent_tokens, status.reserved_tokens) == (100 * calls, 0)
+            _eventually(
+                lambda: (_ledger_view(reader).spent_tokens, _ledger_view(reader).reserved_tokens),
+                (100 * calls, 0),
+            )
+
         assert len(renewals) >= 6  # a reservation and a booking per call
 
 
@@ -93,8 +117,7 @@ def test_other_workers_see_the_hold_and_cannot_spend_it(url: str) -> None:
 def test_a_call_costing_more_than_it_reserved_is_booked_at_once(url: str) -> None:
     with _worker(url, flush_interval=3600) as first, _worker(url) as second:
         _call(first, reserve=100, bill=500)  # no max_tokens: the answer ran long
-        [status] = second.budget_status()
-        assert status.spent_tokens == 500  # booked without waiting for a flush
+        _eventually(lambda: _ledger_view(second).spent_tokens, 500)  # not waiting for a flush
         with pytest.raises(BudgetExceededError):
             second.reserve(model="m", prompt_tokens=501, max_output_tokens=0)
 
@@ -104,8 +127,8 @@ def test_spend_is_booked_within_the_interval_while_calls_go_on(url: str) -> None
         _call(first)
         assert _ledger_view(other).spent_tokens == 0
         time.sleep(0.1)
-        _call(first)  # due: this settlement books both calls
-        assert _ledger_view(other).spent_tokens == 200
+        _call(first)  # due: this settlement has both calls booked
+        _eventually(lambda: _ledger_view(other).spent_tokens, 200)
 
 
 def test_a_closed_session_hands_back_its_hold(url: str) -> None:
@@ -159,3 +182,102 @@ def test_idle_users_holds_are_returned_and_forgotten(sqlite_url: str) -> None:
             [Charge(budget, f"u{user}") for user in range(300)], datetime.now(timezone.utc)
         )
         assert all(s.reserved_tokens == 0 and s.spent_tokens == 15 for s in statuses)
+
+
+@pytest.fixture
+def stuck_ledger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Renewals for user "slow" hang (a partitioned database that neither answers nor
+    refuses) until the test opens the gate; the first event says one is hanging."""
+    hanging, gate = threading.Event(), threading.Event()
+    renew = BudgetLedger.renew
+
+    def stuck(self: BudgetLedger, lease_id: str, changes: Any, *args: Any) -> Any:
+        if any(change.charge.key == "slow" for change in changes):
+            hanging.set()
+            gate.wait(60)
+        return renew(self, lease_id, changes, *args)
+
+    monkeypatch.setattr(BudgetLedger, "renew", stuck)
+    yield hanging, gate
+    gate.set()
+
+
+def _per_user_and_global(url: str, **kwargs: Any) -> UsageTracker:
+    budgets = [
+        Budget(limit_tokens=1_000_000, name="everyone"),
+        Budget(limit_tokens=100_000, per="user", name="each"),
+    ]
+    return UsageTracker(url, budgets=budgets, prices=PRICES, flush_interval=3600, **kwargs)
+
+
+def test_a_renewal_stuck_on_the_ledger_holds_up_no_other_thread(
+    url: str, stuck_ledger: tuple[threading.Event, threading.Event]
+) -> None:
+    """Another thread's reserve() on holds it has, and its record(), go on while one
+    renewal hangs (the allowances' lock was held across the database I/O: they waited)."""
+    hanging, gate = stuck_ledger
+    with _per_user_and_global(url) as tracker:
+        tracker.reserve(model="m", prompt_tokens=100, max_output_tokens=0, user_id="fast")
+        slow = threading.Thread(
+            target=lambda: tracker.reserve(  # more than the shared hold has room for
+                model="m", prompt_tokens=20_000, max_output_tokens=0, user_id="slow"
+            ),
+            daemon=True,
+        )
+        slow.start()
+        assert hanging.wait(30)
+        done: list[str] = []
+
+        def fast_calls() -> None:
+            for _ in range(3):
+                held = tracker.reserve(
+                    model="m", prompt_tokens=100, max_output_tokens=0, user_id="fast"
+                )
+                assert held is not None
+                tracker.record(
+                    TokenUsage(prompt_tokens=100), model="m", user_id="fast", reservation=held
+                )
+                done.append("call")
+
+        fast = threading.Thread(target=fast_calls, daemon=True)
+        fast.start()
+        fast.join(15)
+        assert done == ["call"] * 3, "a stuck renewal held up another thread's calls"
+        assert slow.is_alive()  # the renewal still hangs
+        gate.set()
+        slow.join(30)
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_a_call_waits_for_the_ledger_at_most_budget_wait(
+    url: str, mode: str, stuck_ledger: tuple[threading.Event, threading.Event]
+) -> None:
+    """A call that cannot get its reservation within budget_wait follows
+    budget_failure_mode: refused with the provider not called, or let through."""
+    hanging, gate = stuck_ledger
+    called: list[int] = []
+    with _per_user_and_global(url, budget_wait=0.5, budget_failure_mode=mode) as tracker:
+        try:
+            held = tracker.reserve(model="m", prompt_tokens=10, max_output_tokens=0, user_id="slow")
+        except BudgetUnavailableError as refused:
+            assert mode == "closed"
+            assert "did not answer within 0.5 s" in str(refused)
+        else:
+            assert mode == "open" and held is None
+            called.append(1)  # the provider
+        assert hanging.is_set()
+        assert called == ([1] if mode == "open" else [])
+        gate.set()
+
+
+def test_a_closed_tracker_with_a_budget_is_garbage_collected(url: str) -> None:
+    """The allowances registered a bound method at fork, which kept every tracker alive."""
+    tracker = _worker(url)
+    _call(tracker)
+    tracker.close()
+    gone = weakref.ref(tracker._allowances)
+    del tracker
+    gc.collect()
+    assert gone() is None

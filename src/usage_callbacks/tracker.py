@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -61,6 +62,8 @@ from usage_callbacks.usage import (
 logger = logging.getLogger("usage_callbacks")
 
 DEFAULT_OUTPUT_ALLOWANCE = 1024
+#: Seconds a call waits for the budget ledger before budget_failure_mode decides.
+DEFAULT_BUDGET_WAIT = 10.0
 #: What a $ budget counts for a call whose model has no known price, per 1M tokens of any
 #: kind: above the output rate of nearly every catalogued model (gpt-4.5 $150, o1 $60,
 #: Claude Opus $75), so an unpriced model cannot overrun a $ limit by being unpriced.
@@ -83,6 +86,9 @@ class UsageTracker:
     ``sqlite:///usage.db``. When the budget database cannot be reached,
     ``budget_failure_mode="closed"`` (the default) refuses calls with
     BudgetUnavailableError (a BudgetExceededError); ``"open"`` allows them with a warning.
+    A call waits for the ledger at most ``budget_wait`` seconds (a partitioned database
+    that neither answers nor refuses), then the same mode decides; a thread whose call
+    fits the hold this process has never waits, and ``record()`` never waits for it.
     Records are written in batches from a background thread
     (at most ``batch_size`` records or ``flush_interval`` seconds old); ``durable=True``
     writes each record before ``record()`` returns. While the database is away records
@@ -115,6 +121,7 @@ class UsageTracker:
         exporters: Iterable[UsageExporter] = (),
         log_usage: bool = False,
         budget_failure_mode: Literal["closed", "open"] = "closed",
+        budget_wait: float = DEFAULT_BUDGET_WAIT,
         max_buffer: int = 10_000,
         spill_path: str | Path | None = None,
         budget_lease_fraction: float = LeasePolicy.fraction,
@@ -125,6 +132,8 @@ class UsageTracker:
             raise ValueError("budget_lease_fraction must be in [0, 1); 0 books every call")
         if budget_failure_mode not in ("closed", "open"):
             raise ValueError("budget_failure_mode must be 'closed' (refuse) or 'open' (allow)")
+        if not budget_wait > 0:
+            raise ValueError("budget_wait must be a positive number of seconds")
         self.dimensions = check_dimension_keys(
             [dimensions] if isinstance(dimensions, str) else dimensions
         )
@@ -144,6 +153,7 @@ class UsageTracker:
             ttl=reservation_ttl,
             policy=LeasePolicy(fraction=budget_lease_fraction),
             book_interval=flush_interval,
+            wait=budget_wait,
             announce=_announce,
         )
         self._budgets: list[Budget] = []
@@ -539,15 +549,13 @@ class UsageTracker:
         usd = record.cost_estimate_usd
         if not record.cost_known and self.unpriced_usd_per_mtok is not None:
             usd = self.unpriced_usd_per_mtok * record.total_tokens / _MTOK  # bounded, not free
-        warnings = self._allowances.settle(
+        self._allowances.settle(
             reservation.id if reservation else None,
             charges,
             usd_to_pico(usd),
             record.total_tokens,
             record.ended_at,
         )
-        for warning in warnings:
-            _announce(warning)
 
     def _write_now(self, record: UsageRecord) -> None:
         """``durable=True``, or after close(): write before returning; queue on failure."""
@@ -693,15 +701,16 @@ class UsageTracker:
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Write everything recorded so far and book its spend against budgets; False if
         the store did not take the records in time."""
-        for warning in self._allowances.sync(utcnow()):
+        started = time.monotonic()
+        for warning in self._allowances.sync(utcnow(), timeout=timeout):
             _announce(warning)
-        return self._writer.flush(timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return self._writer.flush(left)
 
     def close(self) -> None:
         if self._closed:
             return
-        self._allowances.stop()
-        self._allowances.sync(utcnow(), keep_slices=False)
+        self._allowances.close(utcnow())
         self._writer.close()
         self._closed = True
         atexit.unregister(self._atexit)

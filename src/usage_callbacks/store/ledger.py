@@ -539,9 +539,10 @@ class LeasePolicy:
 class LeaseChange:
     """What a process books and asks of one charge in a renewal.
 
-    The new hold is ``keep + need + free``: ``free`` is the larger of ``spare`` (unused
-    room the process had and keeps) and a fresh slice sized by ``unit`` (its typical
-    call), never more than the headroom left.
+    The new hold is ``keep + need + free``. ``keep`` is held unchecked: the calls in
+    flight and ``spare``, the unused room the process had, which its other threads may
+    be spending while the ledger is asked; ``free`` tops the spare up to a fresh slice
+    sized by ``unit`` (its typical call), never beyond the headroom left.
     """
 
     charge: Charge
@@ -555,6 +556,10 @@ class LeaseChange:
     spare_tokens: int = 0
     unit_pico: int = 0
     unit_tokens: int = 0
+    #: the part of ``keep`` that is the asking call's (it took the room the process had):
+    #: a refusal reports it as requested, not as spent
+    placed_pico: int = 0
+    placed_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -594,8 +599,8 @@ def _check(
             key=change.charge.key,
             unit="usd",
             limit=budget.limit_usd,
-            spent=pico_to_usd(used_pico),
-            requested=pico_to_usd(change.need_pico),
+            spent=pico_to_usd(used_pico - change.placed_pico),
+            requested=pico_to_usd(change.need_pico + change.placed_pico),
             period_start=start,
             period_end=end,
         )
@@ -605,8 +610,8 @@ def _check(
             key=change.charge.key,
             unit="tokens",
             limit=budget.limit_tokens,
-            spent=used_tokens,
-            requested=change.need_tokens,
+            spent=used_tokens - change.placed_tokens,
+            requested=change.need_tokens + change.placed_tokens,
             period_start=start,
             period_end=end,
         )
@@ -639,10 +644,10 @@ def _grant(
 
 
 def _free(limit: int | None, in_use: int, spare: int, unit: int, policy: LeasePolicy) -> int:
-    """Room held ahead of need: the spare kept or a fresh slice of the headroom (a share
-    of it, capped at ``max_calls`` typical calls), whichever is larger."""
+    """Room added ahead of need: what a fresh slice of the headroom (a share of it,
+    capped at ``max_calls`` typical calls) exceeds the spare kept (part of ``in_use``) by."""
     if limit is None or policy.fraction == 0:
         return 0
     headroom = limit - in_use
-    fresh = min(int(headroom * policy.fraction), unit * policy.max_calls)
-    return max(0, min(max(spare, fresh), headroom))
+    fresh = min(int((headroom + spare) * policy.fraction), unit * policy.max_calls)
+    return max(0, min(fresh - spare, headroom))
