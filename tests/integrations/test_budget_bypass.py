@@ -3,15 +3,21 @@ shows the fake provider was not called when the budget refuses."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import os
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import FakeListLLM
 from langchain_core.messages import HumanMessage
 
 from tests.integrations.lc_models import CountingChatModel
@@ -308,3 +314,31 @@ def test_llamaindex_session_budget_reaches_an_llm_with_its_own_manager() -> None
             refused = _call_until_refused(llm)
         assert refused > 0 and llm.calls + refused == 10
         assert session.usage.total_tokens == 49 * llm.calls <= 300
+
+
+class _Listener(BaseCallbackHandler):
+    """Another handler on the call (a tracer, a logger): not run inline."""
+
+
+def _runtime_warnings(run: Callable[[], object]) -> list[str]:
+    """RuntimeWarnings raised while ``run()`` is refused, and when its garbage goes."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(BudgetExceededError):
+            run()
+        gc.collect()
+    return [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+
+
+def test_an_async_refusal_leaves_no_coroutine_unawaited() -> None:
+    """LangChain's async manager makes every handler's start coroutine, then awaits them in
+    turn: a refusal left those after ours never awaited (a RuntimeWarning each)."""
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=10)]) as tracker:
+        model = CountingChatModel(max_tokens=20, callbacks=[UsageCallbackHandler(tracker)])
+        with_listener = {"callbacks": [_Listener()]}
+        assert _runtime_warnings(lambda: asyncio.run(model.ainvoke(QUESTION, with_listener))) == []
+        assert _runtime_warnings(lambda: asyncio.run(model.agenerate([QUESTION, QUESTION]))) == []
+        assert model.calls == 0
+        llm = FakeListLLM(responses=["42"], callbacks=[UsageCallbackHandler(tracker)])
+        assert _runtime_warnings(lambda: asyncio.run(llm.agenerate(["6 x 7?", "6 x 9?"]))) == []
+        assert llm.i == 0  # the fake provider was not called either

@@ -22,9 +22,12 @@ Notes for users:
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
 from collections.abc import Sequence
 from contextvars import ContextVar
+from types import FrameType
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +35,7 @@ from usage_callbacks.extras import missing_extra
 
 try:
     from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.callbacks.manager import AsyncCallbackManager
     from langchain_core.embeddings import Embeddings
     from langchain_core.messages import AIMessage, BaseMessage
     from langchain_core.outputs import LLMResult
@@ -79,6 +83,33 @@ _DEFAULT_GRAPH_NAME = "LangGraph"
 _UNNAMED_PREFIX = "Runnable"
 #: Metadata keys that attribute a call on their own (dimensions are checked apart).
 _ATTRIBUTION_KEYS = frozenset(("langgraph_node", "lc_agent_name", "thread_id"))
+
+
+#: The async callback manager's start methods (langchain_core callbacks/manager.py) make
+#: one coroutine per handler and prompt, then await them in turn: a refusal raised from
+#: one leaves the later ones never awaited ("coroutine 'ahandle_event' was never awaited").
+_ASYNC_STARTS = frozenset(
+    {
+        AsyncCallbackManager.on_chat_model_start.__code__,
+        AsyncCallbackManager.on_llm_start.__code__,
+    }
+)
+
+
+def _close_skipped_callbacks() -> None:
+    """A refusal ends an async run at its start: close the coroutines LangChain made for the
+    other handlers (and prompts) and will now never await, so none warns when collected.
+    They are in the manager's frame under the names its source gives them; a sync run has
+    no such frame, and made nothing ahead."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code not in _ASYNC_STARTS:
+        frame = frame.f_back
+    if frame is None:
+        return
+    for name in ("inline_tasks", "non_inline_tasks"):
+        for task in frame.f_locals.get(name, ()):
+            if inspect.iscoroutine(task) and inspect.getcoroutinestate(task) == "CORO_CREATED":
+                task.close()
 
 
 class _ParentRun:
@@ -303,6 +334,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
             except BudgetExceededError:
                 _holds.refuse(key, (tracker,))
                 self._forget_route(key)
+                _close_skipped_callbacks()
                 raise
 
     def _start_one(
