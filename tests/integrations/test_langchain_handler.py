@@ -194,6 +194,35 @@ def test_cache_hits_bill_nothing_unlike_the_frameworks_handlers(
     assert core.usage_metadata["gpt-4o-mini"]["total_tokens"] == 84  # counted three times
 
 
+def test_cache_replays_are_reserved_like_calls_and_book_nothing() -> None:
+    """LangChain looks its LLM cache up after the start callback: the handler cannot know a
+    call will be a replay, so a replay is reserved like a call (and refused, before the
+    fake provider, when one call's worst case does not fit), then books 0 tokens and $0."""
+    set_llm_cache(InMemoryCache())
+    try:
+        for limit, replays_allowed in ((200, True), (40, False)):
+            budget = Budget(limit_tokens=limit)
+            with UsageTracker("memory://", budgets=[budget]) as tracker:
+                model = CountingChatModel(max_tokens=20, cache=True, model=f"m-{limit}")
+                config: Any = {"callbacks": [UsageCallbackHandler(tracker)]}
+                model.invoke("same question", config=config)  # bills 28 tokens; 20 + the prompt reserved
+                for _ in range(3):
+                    if replays_allowed:
+                        model.invoke("same question", config=config)
+                    else:
+                        with pytest.raises(BudgetExceededError):
+                            model.invoke("same question", config=config)
+                assert model.calls == 1
+                [status] = tracker.budget_status()
+                assert (status.spent_tokens, status.reserved_tokens) == (28, 0)
+                replays = [r for r in tracker.records() if r.cache_hit]
+                assert [(r.total_tokens, r.cost_estimate_usd) for r in replays] == (
+                    [(0, 0)] * 3 if replays_allowed else []
+                )
+    finally:
+        set_llm_cache(None)
+
+
 def test_nested_chains_keep_parent_run_ids(
     memory_tracker: UsageTracker, handler: UsageCallbackHandler
 ) -> None:
