@@ -553,3 +553,32 @@ def test_a_postgresql_server_that_never_answers_fails_within_seconds() -> None:
     silent.close()
     assert not opener.is_alive(), "still waiting for a server that never answers"
     assert len(outcome) == 1 and isinstance(outcome[0], StoreConfigurationError)
+
+
+def test_rolling_windows_on_postgresql_go_by_the_database_clock(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each host judged a shared rolling window by its own clock: one 90 s ahead saw the
+    others' spend as already past (1,500 went through a limit of 1,000)."""
+    import usage_callbacks.allowances
+    import usage_callbacks.tracker
+
+    budget = Budget(limit_tokens=1000, period=timedelta(minutes=1), name="rolling")
+    provider = Provider()
+    with _tracker(pg_url, budget, budget_lease_fraction=0) as on_time:
+        for _ in range(9):
+            provider(on_time)  # 900 of 1,000
+
+    def ahead() -> datetime:
+        return datetime.now(timezone.utc) + timedelta(seconds=90)
+
+    for module in (usage_callbacks.tracker, usage_callbacks.allowances):
+        monkeypatch.setattr(module, "utcnow", ahead)
+    with _tracker(pg_url, budget, budget_lease_fraction=0) as skewed:
+        provider(skewed)  # the last 100
+        for _ in range(5):
+            with pytest.raises(BudgetExceededError):
+                provider(skewed)
+        [status] = skewed.budget_status()
+        assert status.spent_tokens == 1000
+    assert provider.calls == 10
