@@ -205,9 +205,8 @@ def test_cache_replays_are_reserved_like_calls_and_book_nothing() -> None:
             with UsageTracker("memory://", budgets=[budget]) as tracker:
                 model = CountingChatModel(max_tokens=20, cache=True, model=f"m-{limit}")
                 config: Any = {"callbacks": [UsageCallbackHandler(tracker)]}
-                model.invoke(
-                    "same question", config=config
-                )  # bills 28 tokens; 20 + the prompt reserved
+                # bills 28 tokens; reserves 20 + the prompt
+                model.invoke("same question", config=config)
                 for _ in range(3):
                     if replays_allowed:
                         model.invoke("same question", config=config)
