@@ -582,3 +582,29 @@ def test_rolling_windows_on_postgresql_go_by_the_database_clock(
         [status] = skewed.budget_status()
         assert status.spent_tokens == 1000
     assert provider.calls == 10
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_budget_status_reads_a_page_or_a_key_at_a_time(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """200,000 users' statuses were read one query per key, all at once (70 s)."""
+    url = str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+    each = Budget(limit_tokens=10_000, per="user", period="day", name="each")
+    everyone = Budget(limit_tokens=1_000_000, name="all")
+    provider = Provider()
+    with _tracker(url, each, everyone) as tracker:
+        for user in ("eve", "ann", "dee", "bob", "cy"):
+            provider(tracker, user_id=user)
+        every = [(s.key, s.budget.label, s.spent_tokens) for s in tracker.budget_status()]
+        assert every == [("*", "all", 500)] + [
+            (user, "each", 100) for user in ("ann", "bob", "cy", "dee", "eve")
+        ]
+        pages, after = [], None
+        while page := tracker.budget_status(limit=2, after=after):
+            pages.append([status.key for status in page])
+            after = page[-1].key
+        assert pages == [["*", "ann"], ["bob", "cy"], ["dee", "eve"]]
+        [bob] = tracker.budget_status("bob")
+        assert (bob.budget.label, bob.spent_tokens, bob.remaining_tokens) == ("each", 100, 9_900)
+        assert tracker.budget_status("nobody") == []

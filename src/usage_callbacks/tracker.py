@@ -35,6 +35,7 @@ from usage_callbacks.budgets import (
     CallScope,
     UnpricedModelError,
     describe_failure,
+    ledger_key,
 )
 from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
 from usage_callbacks.runs import Reservation, RunRegistry, RunState
@@ -378,20 +379,32 @@ class UsageTracker:
             self.reservation_ttl,
         )
 
-    def budget_status(self) -> list[BudgetStatus]:
-        """Spend, holds and headroom of every budget for every key seen this period."""
+    def budget_status(
+        self, key: str | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[BudgetStatus]:
+        """Spend, holds and headroom of every budget for every scope key seen this period,
+        in key order. ``key`` (a user id, session id, ...) reads that key alone; ``limit``
+        reads the first ``limit`` keys after ``after`` (each with a status per budget it
+        has), a page at a time from the database's indexes: pass the last status's key as
+        ``after`` for the next page. A global budget's key is ``"*"``."""
         now = utcnow()
         # book our spend and hand back our unused slice: reserved = calls in flight,
         # plus the slices other processes hold
         for warning in self._allowances.sync(now, keep_slices=False):
             _announce(warning)
-        charges: list[Charge] = []
-        for budget in self.budgets:
-            keys = self.store.ledger.scope_keys(budget, now)
-            if budget.per == "global" and "*" not in keys:
-                keys.append("*")
-            charges.extend(Charge(budget, key) for key in keys)
-        return self.store.ledger.status(charges, now)
+        wanted = None if key is None else ledger_key(key)
+        statuses = [
+            status
+            for budget in self.budgets
+            for status in self.store.ledger.statuses(
+                budget, now, key=wanted, after=after, limit=limit
+            )
+        ]
+        statuses.sort(key=lambda status: (status.key, status.budget.label))
+        if limit is not None:
+            keys = sorted({status.key for status in statuses})[:limit]
+            statuses = [status for status in statuses if status.key <= keys[-1]] if keys else []
+        return statuses
 
     # ------------------------------------------------------------------ recording
 

@@ -496,55 +496,94 @@ class BudgetLedger:
         """Every registered budget, for every key with spend or holds this period."""
         with self._guard, self.engine.connect() as connection:
             rows = connection.execute(sa.select(_definitions)).mappings().all()
-        charges: list[Charge] = []
+        result: list[BudgetStatus] = []
         for row in rows:
             budget = BudgetDefinition(**row).to_budget()
             # a budget nobody spent from this period still shows, with all its headroom
-            keys = self.scope_keys(budget, now) or (["*"] if budget.per == "global" else ["-"])
-            charges.extend(Charge(budget, key) for key in keys)
-        return self.status(charges, now)
-
-    def status(self, charges: Sequence[Charge], now: datetime) -> list[BudgetStatus]:
-        result = []
-        with self._guard, self.engine.connect() as connection:
-            now = self._clock(connection, now)
-            for charge in charges:
-                spent_pico, spent_tokens, held_pico, held_tokens = self._used(
-                    connection, charge, now
-                )
-                start, end = charge.budget.window(now)
-                result.append(
-                    BudgetStatus(
-                        budget=charge.budget,
-                        key=charge.key,
-                        period_start=start,
-                        period_end=end,
-                        spent_usd=pico_to_usd(spent_pico),
-                        spent_tokens=spent_tokens,
-                        reserved_usd=pico_to_usd(held_pico),
-                        reserved_tokens=held_tokens,
-                    )
-                )
+            result += self.statuses(budget, now) or [_status(budget, "-", now, (0, 0, 0, 0))]
         return result
 
-    def scope_keys(self, budget: Budget, now: datetime) -> list[str]:
-        """Every scope key with spend or holds in the budget's current period."""
+    def status(self, charges: Sequence[Charge], now: datetime) -> list[BudgetStatus]:
+        """The status of each charge given."""
         with self._guard, self.engine.connect() as connection:
             now = self._clock(connection, now)
-            spent = connection.execute(
-                sa.select(_counters.c.scope_key)
-                .where(
-                    _counters.c.budget == budget.label,
-                    _counters.c.bucket_start >= _first_bucket(budget, now),
-                )
-                .distinct()
-            ).scalars()
-            held = connection.execute(
-                sa.select(_holds.c.scope_key)
-                .where(_holds.c.budget == budget.label, _holds.c.expires_at > now)
-                .distinct()
-            ).scalars()
-            return sorted(set(spent) | set(held))
+            return [
+                _status(charge.budget, charge.key, now, self._used(connection, charge, now))
+                for charge in charges
+            ]
+
+    def statuses(
+        self,
+        budget: Budget,
+        now: datetime,
+        *,
+        key: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[BudgetStatus]:
+        """The budget's status for each scope key with spend or holds this period, in key
+        order: only ``key``, or the first ``limit`` keys after ``after`` (keyset paging,
+        read from the indexes a page at a time). A global budget always has its key."""
+        label = budget.label
+        with self._guard, self.engine.connect() as connection:
+            now = self._clock(connection, now)
+            spent_where = [
+                _counters.c.budget == label,
+                _counters.c.bucket_start >= _first_bucket(budget, now),
+                _counters.c.bucket_start < budget.window(now)[1] + timedelta(seconds=1),
+            ]
+            held_where = [_holds.c.budget == label, _holds.c.expires_at > now]
+            wheres = ((_counters.c.scope_key, spent_where), (_holds.c.scope_key, held_where))
+            for column, where in wheres:
+                if key is not None:
+                    where.append(column == key)
+                if after is not None:
+                    where.append(column > after)
+            if limit is not None:  # this page's keys: the first of each index, merged
+                found: set[str] = set()
+                for column, where in wheres:
+                    first_keys = sa.select(column).where(*where).distinct().order_by(column)
+                    found.update(connection.execute(first_keys.limit(limit)).scalars())
+                page = sorted(found)[:limit]
+                for column, where in wheres:
+                    where.append(column <= page[-1] if page else sa.false())
+            spent = _sums_by_key(connection, _counters.c, "spent_pico", "spent_tokens", spent_where)
+            held = _sums_by_key(connection, _holds.c, "pico", "tokens", held_where)
+        keys = set(spent) | set(held)
+        if budget.per == "global" and key in (None, "*") and (after is None or after < "*"):
+            keys.add("*")
+        return [
+            _status(budget, name, now, (*spent.get(name, (0, 0)), *held.get(name, (0, 0))))
+            for name in sorted(keys)[:limit]
+        ]
+
+
+def _sums_by_key(
+    connection: Connection, columns: Any, pico: str, tokens: str, where: list[Any]
+) -> dict[str, tuple[int, int]]:
+    """Pico and tokens summed per scope key of the rows ``where`` selects."""
+    key = columns.scope_key
+    rows = connection.execute(
+        sa.select(key, _sum(columns[pico]), _sum(columns[tokens])).where(*where).group_by(key)
+    )
+    return {name: (int(p), int(t)) for name, p, t in rows}
+
+
+def _status(
+    budget: Budget, key: str, now: datetime, in_use: tuple[int, int, int, int]
+) -> BudgetStatus:
+    spent_pico, spent_tokens, held_pico, held_tokens = in_use
+    start, end = budget.window(now)
+    return BudgetStatus(
+        budget=budget,
+        key=key,
+        period_start=start,
+        period_end=end,
+        spent_usd=pico_to_usd(spent_pico),
+        spent_tokens=spent_tokens,
+        reserved_usd=pico_to_usd(held_pico),
+        reserved_tokens=held_tokens,
+    )
 
 
 @dataclass(frozen=True)
