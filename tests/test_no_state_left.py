@@ -28,6 +28,7 @@ from usage_callbacks import Budget, BudgetExceededError, UsageTracker, active_se
 from usage_callbacks.integrations import langchain as lc
 from usage_callbacks.integrations import llamaindex as li
 from usage_callbacks.integrations.llamaindex_spans import span_tree
+from usage_callbacks.runs import CALLS
 
 
 def _left_over(tracker: UsageTracker, *handlers: object) -> dict[str, int]:
@@ -35,15 +36,11 @@ def _left_over(tracker: UsageTracker, *handlers: object) -> dict[str, int]:
     gc.collect()  # streams dropped unread end when collected
     places = {
         "tracker.runs": len(tracker.runs),
+        "calls in flight (any tracker)": len(CALLS),
         "budget holds": sum(len(lease.inflight) for lease in tracker._allowances._leases.values()),
         "session budgets": len(tracker._session_budgets),
         "open sessions": len(active_sessions()),
-        "langchain session routes": len(lc._session_handler._routes._routes),
-        "llamaindex session routes": len(li._session_callback_handler._routes._routes)
-        + len(li._session_event_handler._routes._routes),
         "llamaindex spans": len(span_tree().open_spans),
-        "langchain held calls": len(lc._holds),
-        "llamaindex held calls": len(li._held),
     }
     for index, handler in enumerate(
         (*handlers, li._session_callback_handler, li._session_event_handler)

@@ -1,19 +1,18 @@
 """Calls in flight: what a start event learned, kept until the matching end event.
 
-The registry is per tracker and keyed by the framework's run or event id, so that two
-handlers of one tracker seeing the same call (an explicit handler plus a session's)
-share one state: the first end event records it, the second finds nothing to do.
+One registry per process (``CALLS``), keyed by the framework's run or event id; each
+call holds the state of every tracker that follows it, so an end, an error or a refusal
+finds all of them at once.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from usage_callbacks.attribution import NO_ATTRIBUTION, Attribution
 from usage_callbacks.store.ledger import Charge
@@ -56,62 +55,142 @@ class RunState:
     #: Raw inputs kept so the prompt can be estimated lazily, only when needed.
     inputs: Any = None
     streamed: list[str] = field(default_factory=list)
+    #: the handler whose start event made this state: the one that keeps ``streamed``
+    #: (every handler of the call sees each token)
+    started_by: object = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def latency_ms(self) -> float:
         return (time.perf_counter() - self.started_monotonic) * 1000.0
 
 
-class RunRegistry:
-    """Thread-safe map of run id to RunState; start is idempotent, end pops once.
+class RunOwner(Protocol):
+    """What the registry needs of a tracker following a call."""
 
-    A call whose end never comes (a stream created and never read, a framework that
-    skipped its error event) is abandoned once it is older than ``ttl``: swept out when
-    the map has doubled since the last sweep and handed to ``on_abandoned``. Without
-    this every such call stayed for good (7 MB per 10,000, 34 MB with a budget).
+    reservation_ttl: timedelta
+
+    def release(self, reservation: Reservation | None) -> None:
+        """Hand back what a call that will not be made held."""
+        ...
+
+    def forget_runs(self, states: list[RunState]) -> None:
+        """Calls whose end never came within ``reservation_ttl``: release their holds."""
+        ...
+
+
+class CallsInFlight:
+    """Every call in flight in this process, by its run or event id: one entry per call,
+    holding the state of each tracker that follows it (an explicit handler's tracker, the
+    trackers of the sessions open where it started).
+
+    The entry is the call's one lifetime: made by the first start event, gone with the end,
+    the error, a refusal (which releases every tracker's hold at once) or abandonment.
+    Two handlers of one tracker on one call share that tracker's state: the first end
+    records it, the second finds nothing to do. A call whose end never comes (a stream
+    created and never read, a framework that skipped its error event) is handed to its
+    tracker once older than the tracker's ``reservation_ttl``: swept when the map has
+    doubled since the last sweep (amortized O(1); without it every such call stayed for
+    good, 7 MB per 10,000, 34 MB with a budget).
     """
 
-    def __init__(self, ttl: timedelta, on_abandoned: Callable[[list[RunState]], None]) -> None:
-        self._runs: dict[str, RunState] = {}
+    def __init__(self) -> None:
+        self._calls: dict[str, dict[RunOwner, RunState]] = {}
         self._lock = threading.Lock()
-        self._ttl_s = ttl.total_seconds()
-        self._on_abandoned = on_abandoned
         self._sweep_at = _FIRST_SWEEP
 
-    def start(self, state: RunState) -> tuple[RunState, bool]:
-        """Register ``state``; returns the registered state and whether it is new."""
+    def start(self, owner: RunOwner, state: RunState) -> tuple[RunState, bool]:
+        """Register ``owner``'s state of a call; returns the registered state and whether
+        it is new (False: another handler of ``owner`` saw this start first)."""
         with self._lock:
-            existing = self._runs.get(state.run_id)
-            if existing is not None:
-                return existing, False
-            self._runs[state.run_id] = state
-            abandoned = self._sweep() if len(self._runs) >= self._sweep_at else None
+            states = self._calls.get(state.run_id)
+            if states is None:
+                states = self._calls[state.run_id] = {}
+            else:
+                existing = states.get(owner)
+                if existing is not None:
+                    return existing, False
+            states[owner] = state
+            abandoned = self._sweep() if len(self._calls) >= self._sweep_at else None
         if abandoned:
-            self._on_abandoned(abandoned)
+            for stale_owner, stale in abandoned.items():
+                stale_owner.forget_runs(stale)
         return state, True
 
-    def _sweep(self) -> list[RunState]:
-        """Remove the calls older than the TTL (caller holds the lock); amortized O(1)."""
-        cutoff = time.perf_counter() - self._ttl_s
-        abandoned = [state for state in self._runs.values() if state.started_monotonic < cutoff]
-        for state in abandoned:
-            del self._runs[state.run_id]
-        self._sweep_at = max(_FIRST_SWEEP, 2 * len(self._runs))
-        return abandoned
-
-    def get(self, run_id: str) -> RunState | None:
+    def get(self, key: str, owner: RunOwner) -> RunState | None:
         with self._lock:
-            return self._runs.get(run_id)
+            states = self._calls.get(key)
+            return None if states is None else states.get(owner)
 
-    def finish(self, run_id: str) -> RunState | None:
-        """Remove and return the state; None when another handler already finished it."""
+    def owners(self, key: str) -> tuple[RunOwner, ...]:
+        """The trackers following a call (its end may come in another context than its
+        start, so a session's handler finds them here, not in the open sessions)."""
         with self._lock:
-            return self._runs.pop(run_id, None)
+            return tuple(self._calls.get(key, ()))
+
+    def finish(self, key: str, owner: RunOwner) -> RunState | None:
+        """Remove and return ``owner``'s state; None when another handler finished it."""
+        with self._lock:
+            states = self._calls.get(key)
+            if states is None:
+                return None
+            state = states.pop(owner, None)
+            if not states:
+                del self._calls[key]
+            return state
+
+    def refuse(self, key: str) -> None:
+        """The call will not be made: forget it, and every tracker releases what it held."""
+        with self._lock:
+            states = self._calls.pop(key, {})
+        for owner, state in states.items():
+            owner.release(state.reservation)
+
+    def owned_by(self, owner: RunOwner) -> int:
+        """How many calls ``owner`` follows (a scan: for tests and diagnostics)."""
+        with self._lock:
+            return sum(owner in states for states in self._calls.values())
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._runs)
+            return len(self._calls)
+
+    def _sweep(self) -> dict[RunOwner, list[RunState]]:
+        """Remove the states older than their tracker's TTL (caller holds the lock)."""
+        now = time.perf_counter()
+        abandoned: dict[RunOwner, list[RunState]] = {}
+        for key in list(self._calls):
+            states = self._calls[key]
+            for owner, state in list(states.items()):
+                if state.started_monotonic < now - owner.reservation_ttl.total_seconds():
+                    del states[owner]
+                    abandoned.setdefault(owner, []).append(state)
+            if not states:
+                del self._calls[key]
+        self._sweep_at = max(_FIRST_SWEEP, 2 * len(self._calls))
+        return abandoned
+
+
+class TrackerRuns:
+    """One tracker's view of the calls in flight: ``tracker.runs``."""
+
+    def __init__(self, owner: RunOwner, calls: CallsInFlight) -> None:
+        self._owner = owner
+        self._calls = calls
+
+    def start(self, state: RunState) -> tuple[RunState, bool]:
+        return self._calls.start(self._owner, state)
+
+    def get(self, key: str) -> RunState | None:
+        return self._calls.get(key, self._owner)
+
+    def finish(self, key: str) -> RunState | None:
+        return self._calls.finish(key, self._owner)
+
+    def __len__(self) -> int:
+        return self._calls.owned_by(self._owner)
 
 
 #: Calls in flight before the first sweep for abandoned ones.
 _FIRST_SWEEP = 1024
+#: The calls in flight of every tracker and adapter in the process.
+CALLS = CallsInFlight()

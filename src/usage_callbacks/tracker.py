@@ -38,7 +38,7 @@ from usage_callbacks.budgets import (
     ledger_key,
 )
 from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
-from usage_callbacks.runs import Reservation, RunRegistry, RunState
+from usage_callbacks.runs import CALLS, Reservation, RunState, TrackerRuns
 from usage_callbacks.sessions import UsageSession, active_sessions, sessions_of
 from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
@@ -143,7 +143,7 @@ class UsageTracker:
         if self.dimensions:
             self.store.index_dimensions(self.dimensions)
         self.pricer = Pricer(prices)
-        self.runs = RunRegistry(reservation_ttl, self._abandon)
+        self.runs = TrackerRuns(self, CALLS)
         self.durable = durable
         self.reservation_ttl = reservation_ttl
         self.default_output_allowance = default_output_allowance
@@ -368,7 +368,7 @@ class UsageTracker:
         if reservation is not None:
             self._allowances.release(reservation.id, reservation.charges)
 
-    def _abandon(self, states: list[RunState]) -> None:
+    def forget_runs(self, states: list[RunState]) -> None:
         """Calls whose end never came within the reservation TTL: release their holds."""
         for state in states:
             self.release(state.reservation)

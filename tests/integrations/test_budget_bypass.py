@@ -30,6 +30,7 @@ from usage_callbacks import (
 )
 from usage_callbacks.integrations import langchain as lc_adapter
 from usage_callbacks.langchain import UsageCallbackHandler
+from usage_callbacks.runs import CALLS
 
 QUESTION = [HumanMessage("What is six times seven?")]
 
@@ -82,7 +83,7 @@ def test_an_error_before_the_reservation_refuses_when_fail_closed() -> None:
         with pytest.raises(BudgetUnavailableError, match="tokenizer broke"):
             model.invoke(QUESTION)
         assert model.calls == 0
-        assert len(tracker.runs) == 0 and not len(lc_adapter._holds)
+        assert len(tracker.runs) == 0 and not len(CALLS)
 
 
 @pytest.mark.usefixtures("broken_estimate")
@@ -159,7 +160,7 @@ def test_a_refusal_by_a_second_trackers_handler_releases_the_first_trackers_hold
             with pytest.raises(BudgetExceededError):
                 model.invoke(QUESTION)
         assert model.calls == 0
-        assert len(roomy.runs) == 0 and len(tight.runs) == 0 and not len(lc_adapter._holds)
+        assert len(roomy.runs) == 0 and len(tight.runs) == 0 and not len(CALLS)
         [status] = roomy.budget_status()
         assert status.reserved_tokens == 0 and status.spent_tokens == 0
         alone = CountingChatModel(max_tokens=400, callbacks=[UsageCallbackHandler(roomy)])

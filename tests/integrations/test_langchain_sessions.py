@@ -100,3 +100,37 @@ def test_tracker_budgets_apply_to_session_captured_calls() -> None:
             model.invoke("hi")
             model.invoke("hi")
         assert model.calls == 1
+
+
+def test_streamed_tokens_count_once_for_every_tracker_of_a_call(
+    memory_tracker: UsageTracker,
+) -> None:
+    """Handlers of two trackers on one call, one of them a session's: each token reaches
+    every handler, and a stream that broke off before any chunk came back (no response)
+    is estimated from the tokens seen, once per tracker."""
+    from uuid import uuid4
+
+    from langchain_core.messages import HumanMessage
+
+    from usage_callbacks.integrations import langchain as lc_adapter
+    from usage_callbacks.tokens import count_text_tokens
+
+    other = UsageTracker("memory://")
+    explicit = UsageCallbackHandler(other)
+    run_id = uuid4()
+    tokens = ["one ", "two ", "three ", "four "]
+    with memory_tracker.session("s"):
+        handlers = [explicit, lc_adapter._session_handler]
+        for handler in handlers:
+            handler.on_chat_model_start({}, [[HumanMessage("hi")]], run_id=run_id)
+        for token in tokens:
+            for handler in handlers:
+                handler.on_llm_new_token(token, run_id=run_id)
+        for handler in handlers:
+            handler.on_llm_error(ConnectionError("broke off"), run_id=run_id)
+    other.flush()
+    memory_tracker.flush()
+    [mine], [theirs] = memory_tracker.records(), other.records()
+    other.close()
+    once = count_text_tokens("".join(tokens), None)
+    assert mine.completion_tokens == theirs.completion_tokens == once

@@ -51,10 +51,9 @@ from usage_callbacks.attribution import (
     merge_dimensions,
 )
 from usage_callbacks.budgets import BudgetExceededError
-from usage_callbacks.integrations.held_calls import HeldCalls
-from usage_callbacks.integrations.session_routes import SessionRoutes
+from usage_callbacks.integrations.routing import call_trackers, session_trackers
 from usage_callbacks.readers import UsageSource, normalize_usage, usage_from_langchain
-from usage_callbacks.runs import RunState
+from usage_callbacks.runs import CALLS, RunState
 from usage_callbacks.sessions import register_session_hook, sessions_of
 from usage_callbacks.store.models import utcnow
 from usage_callbacks.tokens import (
@@ -269,9 +268,6 @@ class UsageCallbackHandler(BaseCallbackHandler):
             ),
         )
 
-    def _forget_route(self, run_id: str) -> None:
-        """A refused run ends at its start: nothing routed to forget here."""
-
     # ---------------------------------------------------------------- start
 
     def on_chat_model_start(
@@ -332,8 +328,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
                     logger.warning("could not reserve run %s", key, exc_info=True)
                     tracker.budget_check_failed(error)  # raises unless fail-open
             except BudgetExceededError:
-                _holds.refuse(key, (tracker,))
-                self._forget_route(key)
+                CALLS.refuse(key)  # every tracker's hold for it, taken before this one
                 _close_skipped_callbacks()
                 raise
 
@@ -365,6 +360,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
             sessions=sessions_of(tracker),
             inputs=inputs,
             extra={"schemas": _request_schemas(params, meta)},
+            started_by=self,
         )
         state, is_new = tracker.runs.start(state)
         if not is_new:  # a session's handler got here first: explicit settings win
@@ -387,8 +383,6 @@ class UsageCallbackHandler(BaseCallbackHandler):
                 sessions=state.sessions,
                 attribution=state.attribution,
             )
-            if state.reservation is not None:
-                _holds.add(run_id, tracker)
 
     # ---------------------------------------------------------------- stream
 
@@ -398,7 +392,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
         try:
             for tracker in self._end_trackers(str(run_id)):
                 state = tracker.runs.get(str(run_id))
-                if state is not None and isinstance(token, str):
+                if state is not None and state.started_by is self and isinstance(token, str):
                     state.streamed.append(token)
         except Exception:
             logger.warning("usage tracking failed on a streamed token", exc_info=True)
@@ -412,7 +406,6 @@ class UsageCallbackHandler(BaseCallbackHandler):
         self._end(str(run_id), kwargs.get("response"), error)
 
     def _end(self, run_id: str, response: LLMResult | None, error: BaseException | None) -> None:
-        _holds.discard(run_id)
         for tracker in self._end_trackers(run_id):
             try:
                 state = tracker.runs.finish(run_id)
@@ -420,9 +413,6 @@ class UsageCallbackHandler(BaseCallbackHandler):
                     _record(tracker, state, response, error)
             except Exception:  # end hooks never raise: later handlers must see the event
                 logger.warning("usage tracking failed at the end of run %s", run_id, exc_info=True)
-
-
-_holds = HeldCalls()
 
 
 class _SessionHandler(UsageCallbackHandler):
@@ -435,20 +425,12 @@ class _SessionHandler(UsageCallbackHandler):
         self.tags = []
         self.dimensions = ()
         self._tree = _RunTree()
-        self._routes = SessionRoutes()
 
     def _start_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
-        return self._routes.start(run_id)
+        return session_trackers()
 
     def _end_trackers(self, run_id: str) -> tuple[UsageTracker, ...]:
-        return self._routes.get(run_id)
-
-    def _end(self, run_id: str, response: LLMResult | None, error: BaseException | None) -> None:
-        super()._end(run_id, response, error)
-        self._routes.finish(run_id)
-
-    def _forget_route(self, run_id: str) -> None:
-        self._routes.finish(run_id)
+        return call_trackers(run_id)
 
 
 _session_handler = _SessionHandler()

@@ -74,12 +74,11 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from usage_callbacks.attribution import Dimensions, check_given_dimensions, merge_dimensions
 from usage_callbacks.budgets import BudgetExceededError
-from usage_callbacks.integrations.held_calls import HeldCalls
 from usage_callbacks.integrations.llamaindex_reach import budget_reach
 from usage_callbacks.integrations.llamaindex_spans import listen_to_span_ends, span_tree
-from usage_callbacks.integrations.session_routes import SessionRoutes
+from usage_callbacks.integrations.routing import call_trackers, session_trackers
 from usage_callbacks.readers import UsageSource, normalize_usage
-from usage_callbacks.runs import RunState
+from usage_callbacks.runs import CALLS, RunState
 from usage_callbacks.sessions import (
     active_sessions,
     register_session_hook,
@@ -167,8 +166,6 @@ _counted_spans = _RecentSet()
 # Latest streamed text per span, for streams that end in an exception.
 _streamed: OrderedDict[str, str] = OrderedDict()
 _streamed_lock = threading.Lock()
-#: Calls some tracker holds a reservation for, released together when one refuses.
-_held = HeldCalls()
 
 
 def _is_stream(result: Any) -> bool:
@@ -363,8 +360,6 @@ def _start_run(
         sessions=state.sessions,
         attribution=state.attribution,
     )
-    if state.reservation is not None:
-        _held.add(call.key, tracker)
 
 
 def _finish_run(
@@ -377,7 +372,6 @@ def _finish_run(
     streamed: str = "",
     nested_usage: TokenUsage | None = None,
 ) -> None:
-    _held.discard(key)
     state = tracker.runs.finish(key)
     if state is None:
         return
@@ -397,7 +391,6 @@ def _finish_run(
 def _abandon_run(tracker: UsageTracker, key: str) -> None:
     """A stream handed out and garbage-collected unread: nothing was sent, nothing billed;
     its state and budget hold end here."""
-    _held.discard(key)
     state = tracker.runs.finish(key)
     if state is not None:
         tracker.release(state.reservation)
@@ -485,8 +478,6 @@ class UsageCallbackHandler(BaseCallbackHandler):
             trackers = self._trackers(event_id, True)
             call = self._call(event_type, payload or {}, event_id, parent_id) if trackers else None
             if call is None:
-                if trackers:  # part of an open call (nested): no session route of its own
-                    self._trackers(event_id, False)
                 return event_id
             for tracker in trackers:
                 if call.span_id:  # the event handler of this tracker must skip this span
@@ -501,7 +492,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
                     dimensions=self.dimensions,
                 )
         except BudgetExceededError:
-            self._refuse(trackers, event_id)
+            self._refuse(event_id)
             raise
         except Exception as error:  # any failure on the way to the reservations
             logger.warning("usage tracking failed at an event start", exc_info=True)
@@ -509,15 +500,14 @@ class UsageCallbackHandler(BaseCallbackHandler):
                 try:
                     next(t for t in trackers if t.has_budgets).budget_check_failed(error)
                 except BudgetExceededError:
-                    self._refuse(trackers, event_id)
+                    self._refuse(event_id)
                     raise
         return event_id
 
-    def _refuse(self, trackers: tuple[UsageTracker, ...], event_id: str) -> None:
+    def _refuse(self, event_id: str) -> None:
         """The call will not be made: forget it and release what any tracker held for it."""
-        _held.refuse(event_id, trackers)
+        CALLS.refuse(event_id)
         self._close(event_id)
-        self._trackers(event_id, False)  # ends a session handler's route (it stayed for good)
 
     def _call(
         self, event_type: CBEventType, payload: dict[str, Any], event_id: str, parent_id: str
@@ -630,10 +620,9 @@ class _SessionCallbackHandler(UsageCallbackHandler):
         self.tags = []
         self.dimensions = ()
         self._init_state()
-        self._routes = SessionRoutes()
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
-        return self._routes.start(key) if starting else self._routes.finish(key)
+        return session_trackers() if starting else call_trackers(key)
 
 
 # -------------------------------------------------------------------- instrumentation
@@ -804,10 +793,8 @@ class UsageEventHandler(BaseEventHandler):
 class _SessionEventHandler(UsageEventHandler):
     """On the root dispatcher while sessions exist; serves the trackers of open sessions."""
 
-    _routes: SessionRoutes = PrivateAttr(default_factory=SessionRoutes)
-
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
-        return self._routes.start(key) if starting else self._routes.finish(key)
+        return session_trackers() if starting else call_trackers(key)
 
     def _start(self, event: BaseEvent, span: str) -> None:
         if active_sessions():
