@@ -286,3 +286,46 @@ def _wait_or_kill(pid: int, timeout: float) -> int | None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return None
+
+
+def test_a_child_forked_while_a_call_is_being_registered_tracks_its_own_calls() -> None:
+    """The table of calls in flight is one per process: a lock one of the parent's threads
+    held at the fork would block every call the child makes, and the parent's calls in
+    flight are not the child's to end."""
+    from langchain_core.messages import HumanMessage
+
+    from tests.integrations.lc_models import CountingChatModel
+    from usage_callbacks.langchain import UsageCallbackHandler
+    from usage_callbacks.runs import CALLS
+
+    tracker = UsageTracker("memory://")
+    handler = UsageCallbackHandler(tracker)
+    model = CountingChatModel()
+    parent_stream = model.stream([HumanMessage("hi")], config={"callbacks": [handler]})
+    next(parent_stream)  # a call in flight in the parent
+    holding, release = threading.Event(), threading.Event()
+
+    def registering() -> None:
+        with CALLS._lock:
+            holding.set()
+            release.wait(30)
+
+    busy = threading.Thread(target=registering)
+    busy.start()
+    try:
+        assert holding.wait(10)
+        child = os.fork()
+        if child == 0:
+            ok = False
+            try:
+                model.invoke("hello", config={"callbacks": [handler]})
+                ok = tracker.flush(timeout=5) and len(tracker.records()) == 1 and not len(CALLS)
+            finally:
+                os._exit(0 if ok else 1)
+        status = _wait_or_kill(child, timeout=20)
+    finally:
+        release.set()
+        busy.join()
+        list(parent_stream)
+        tracker.close()
+    assert status == 0, "the child blocked on the table of calls, or inherited its entries"

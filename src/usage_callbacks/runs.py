@@ -7,6 +7,7 @@ finds all of them at once.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,9 +95,17 @@ class CallsInFlight:
     """
 
     def __init__(self) -> None:
+        self._start_empty()
+
+    def _start_empty(self) -> None:
         self._calls: dict[str, dict[RunOwner, RunState]] = {}
         self._lock = threading.Lock()
         self._sweep_at = _FIRST_SWEEP
+
+    def forget_in_child(self) -> None:
+        """After ``fork``: the calls in flight are the parent's (so are their holds), and
+        the lock may have been held by one of its threads, which the child does not have."""
+        self._start_empty()
 
     def start(self, owner: RunOwner, state: RunState) -> tuple[RunState, bool]:
         """Register ``owner``'s state of a call; returns the registered state and whether
@@ -194,3 +203,4 @@ class TrackerRuns:
 _FIRST_SWEEP = 1024
 #: The calls in flight of every tracker and adapter in the process.
 CALLS = CallsInFlight()
+os.register_at_fork(after_in_child=CALLS.forget_in_child)
