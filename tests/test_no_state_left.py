@@ -41,6 +41,7 @@ def _left_over(tracker: UsageTracker, *handlers: object) -> dict[str, int]:
         "session budgets": len(tracker._session_budgets),
         "open sessions": len(active_sessions()),
         "llamaindex spans": len(span_tree().open_spans),
+        "llamaindex streams": len(li._streamed),
     }
     for index, handler in enumerate(
         (*handlers, li._session_callback_handler, li._session_event_handler)

@@ -246,6 +246,12 @@ def usage_from_anthropic(usage: Any) -> TokenUsage:
     )
 
 
+#: Sources whose provider bills a stream's input once the stream started, whatever
+#: follows (a mid-stream ``error`` event, a dropped connection): Anthropic's first event,
+#: ``message_start``, reports the input as billed.
+BILLED_ONCE_STARTED: frozenset[str] = frozenset(("anthropic",))
+
+
 # --------------------------------------------------------------------------- Google
 
 

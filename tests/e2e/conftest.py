@@ -19,6 +19,7 @@ def _server() -> Iterator[ProviderServer]:
 @pytest.fixture
 def server(_server: ProviderServer) -> ProviderServer:
     _server.reset()
-    _server.cached = _server.cache_write = _server.reasoning = 0
+    _server.cached = _server.cache_write = _server.cache_write_1h = _server.reasoning = 0
+    _server.web_searches = 0
     _server.reply = REPLY
     return _server

@@ -18,7 +18,11 @@ Billing rules (deterministic, non-trivial), reported as the current APIs report 
 - OpenAI echoes a requested ``service_tier`` (flex, priority) and bills at it; the
   Responses API (``/responses``) bills like chat, in its own usage shape;
 - Anthropic's ``message_delta`` usage is cumulative; ``web_searches`` server-side
-  searches are reported under ``server_tool_use``;
+  searches are reported under ``server_tool_use`` (and streamed as ``server_tool_use``
+  blocks with their results before the reply);
+- ``stream_error_after``: the next Anthropic stream sends an ``error`` event
+  (``overloaded_error``, as Anthropic's streaming docs show) after ``message_start`` and
+  that many words; the started message bills its whole input and the words sent;
 - Ollama's ``/api/chat`` reports ``prompt_eval_count`` and ``eval_count`` in its last
   object (streamed as NDJSON unless ``stream`` is false);
 - embeddings: the number of token ids sent, or tiktoken's count of the texts sent.
@@ -72,6 +76,8 @@ class ProviderServer:
     requests: int = 0
     #: HTTP statuses to answer the next requests with, in order (a refusal bills nothing)
     failures: list[int] = field(default_factory=list)
+    #: the next Anthropic stream fails after message_start and this many words
+    stream_error_after: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
 
@@ -127,6 +133,7 @@ class ProviderServer:
             self.tool_calls.clear()
             self.requests = 0
             self.failures.clear()
+            self.stream_error_after = None
 
     # ------------------------------------------------------------------ billing
 
@@ -405,12 +412,16 @@ class ProviderServer:
             "stop_reason": "end_turn",
             "stop_sequence": None,
         }
+        searches = _web_search_blocks(self.web_searches)
         if not body.get("stream"):
-            _json(
-                handler,
-                {**message, "content": [{"type": "text", "text": self.reply}], "usage": usage},
-            )
+            content = [*searches, {"type": "text", "text": self.reply}]
+            _json(handler, {**message, "content": content, "usage": usage})
             return
+        with self._lock:
+            error_after, self.stream_error_after = self.stream_error_after, None
+        if error_after is not None:  # the words sent before the error are billed
+            bill.completion = min(error_after, len(words))
+            words = words[:error_after]
 
         def events() -> Iterator[tuple[str, dict[str, Any]]]:
             start_usage = {**usage, "output_tokens": 1}
@@ -426,11 +437,14 @@ class ProviderServer:
                     },
                 },
             )
+            for index, block in enumerate(searches):
+                yield from _anthropic_block(index, block)
+            text_index = len(searches)
             yield (
                 "content_block_start",
                 {
                     "type": "content_block_start",
-                    "index": 0,
+                    "index": text_index,
                     "content_block": {"type": "text", "text": ""},
                 },
             )
@@ -439,11 +453,20 @@ class ProviderServer:
                     "content_block_delta",
                     {
                         "type": "content_block_delta",
-                        "index": 0,
+                        "index": text_index,
                         "delta": {"type": "text_delta", "text": word},
                     },
                 )
-            yield "content_block_stop", {"type": "content_block_stop", "index": 0}
+            if error_after is not None:
+                yield (
+                    "error",
+                    {
+                        "type": "error",
+                        "error": {"type": "overloaded_error", "message": "Overloaded"},
+                    },
+                )
+                return
+            yield "content_block_stop", {"type": "content_block_stop", "index": text_index}
             yield (
                 "message_delta",
                 {  # Anthropic's message_delta usage is cumulative
@@ -508,6 +531,42 @@ def _ndjson(handler: BaseHTTPRequestHandler, lines: Iterator[dict[str, Any]]) ->
         handler.wfile.write(json.dumps(line).encode() + b"\n")
         handler.wfile.flush()
     handler.close_connection = True
+
+
+def _web_search_blocks(searches: int) -> list[dict[str, Any]]:
+    """A ``server_tool_use`` block and its result for each search, as Anthropic returns them."""
+    blocks: list[dict[str, Any]] = []
+    for n in range(searches):
+        blocks.append(
+            {
+                "type": "server_tool_use",
+                "id": f"srvtoolu_{n}",
+                "name": "web_search",
+                "input": {"query": f"capital of France {n}"},
+            }
+        )
+        result = {"type": "web_search_result", "title": "Paris", "url": "https://example.com"}
+        result.update(encrypted_content="e", page_age=None)
+        blocks.append(
+            {"type": "web_search_tool_result", "tool_use_id": f"srvtoolu_{n}", "content": [result]}
+        )
+    return blocks
+
+
+def _anthropic_block(index: int, block: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A non-text block streamed: its start (a tool use's input follows as JSON deltas)."""
+    start = {**block, "input": {}} if block["type"] == "server_tool_use" else block
+    yield (
+        "content_block_start",
+        {"type": "content_block_start", "index": index, "content_block": start},
+    )
+    if block["type"] == "server_tool_use":
+        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        yield (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": index, "delta": delta},
+        )
+    yield "content_block_stop", {"type": "content_block_stop", "index": index}
 
 
 def _text(content: Any) -> str:

@@ -52,7 +52,12 @@ from usage_callbacks.attribution import (
 )
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.integrations.routing import call_trackers, session_trackers
-from usage_callbacks.readers import UsageSource, normalize_usage, usage_from_langchain
+from usage_callbacks.readers import (
+    BILLED_ONCE_STARTED,
+    UsageSource,
+    normalize_usage,
+    usage_from_langchain,
+)
 from usage_callbacks.runs import CALLS, RunState
 from usage_callbacks.sessions import register_session_hook, sessions_of
 from usage_callbacks.store.models import utcnow
@@ -580,6 +585,12 @@ _LLM_OUTPUT_SOURCES: dict[str, UsageSource] = {
     "cohere": "cohere",
     "litellm": "litellm",
 }
+
+
+def _source(provider: str | None) -> UsageSource:
+    return _LLM_OUTPUT_SOURCES.get(provider or "", "openai-chat")
+
+
 #: Providers whose reasoning is billed beside the completion count LangChain reports.
 _REASONING_ADDITIVE = frozenset(("xai",))
 
@@ -607,7 +618,7 @@ def _provider_usage(
     """Provider numbers, from the most specific place LangChain put them: the messages'
     ``usage_metadata`` (``metadatas``), the LLM output, the generations' metadata."""
     llm_output = (response.llm_output if response else None) or {}
-    source = _LLM_OUTPUT_SOURCES.get(provider or "", "openai-chat")
+    source = _source(provider)
     # n > 1: every generation carries the same whole-request usage; count it once.
     distinct: list[dict[str, Any]] = []
     for usage in metadatas:
@@ -673,8 +684,11 @@ def _record(
     if usage is None and not cache_hit:
         texts = _returned_texts(state, generations)
         # a refused request (an error before any text: HTTP 4xx/5xx, retries, fallbacks)
-        # bills nothing; langchain-openai attaches an empty generation to such errors
-        if error is None or any(texts):
+        # bills nothing; langchain-openai attaches an empty generation to such errors.
+        # A stream whose first chunk came (langchain-anthropic's for message_start) was
+        # billed its input by providers that bill a started stream.
+        started = bool(state.streamed) and _source(state.provider) in BILLED_ONCE_STARTED
+        if error is None or any(texts) or started:
             usage = _estimate(state, texts)  # a broken stream keeps what was streamed
     model = _response_model(response, generations) or state.model or UNKNOWN_MODEL
     tracker.record_run(state, usage or TokenUsage(), model=model, error=error, cache_hit=cache_hit)

@@ -40,7 +40,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -77,7 +77,7 @@ from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.integrations.llamaindex_reach import budget_reach
 from usage_callbacks.integrations.llamaindex_spans import listen_to_span_ends, span_tree
 from usage_callbacks.integrations.routing import call_trackers, session_trackers
-from usage_callbacks.readers import UsageSource, normalize_usage
+from usage_callbacks.readers import BILLED_ONCE_STARTED, UsageSource, normalize_usage
 from usage_callbacks.runs import CALLS, RunState
 from usage_callbacks.sessions import (
     active_sessions,
@@ -163,8 +163,24 @@ class _RecentSet:
 
 
 _counted_spans = _RecentSet()
-# Latest streamed text per span, for streams that end in an exception.
-_streamed: OrderedDict[str, str] = OrderedDict()
+
+
+@dataclass
+class _Streamed:
+    """What a stream handed out so far: its latest chunk and the text of its deltas
+    (llama-index-llms-anthropic's chunks carry a text block's words only in ``delta``
+    until the block ends)."""
+
+    last: Any = None
+    deltas: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas) or _response_text(self.last)
+
+
+# What each open stream handed out, by span; taken when its call ends.
+_streamed: OrderedDict[str, _Streamed] = OrderedDict()
 _streamed_lock = threading.Lock()
 
 
@@ -172,20 +188,27 @@ def _is_stream(result: Any) -> bool:
     return isinstance(result, (Generator, AsyncGenerator))
 
 
-def _remember_stream(span_id: str | None, text: str) -> None:
+def _remember_chunk(span_id: str | None, response: Any) -> None:
     if not span_id:
         return
+    delta = getattr(response, "delta", None)
     with _streamed_lock:
-        _streamed[span_id] = text
-        while len(_streamed) > 10_000:
-            _streamed.popitem(last=False)
+        streamed = _streamed.get(span_id)
+        if streamed is None:
+            streamed = _streamed[span_id] = _Streamed()
+            while len(_streamed) > 10_000:  # streams of calls no handler ended
+                _streamed.popitem(last=False)
+        streamed.last = response
+        if isinstance(delta, str) and delta:
+            streamed.deltas.append(delta)
 
 
-def _streamed_text(span_id: str | None) -> str:
+def _take_streamed(span_id: str | None) -> _Streamed | None:
+    """What the stream of ``span_id`` handed out; forgotten here (the call ended)."""
     if not span_id:
-        return ""
+        return None
     with _streamed_lock:
-        return _streamed.pop(span_id, "")
+        return _streamed.pop(span_id, None)
 
 
 # -------------------------------------------------------------------- extraction
@@ -292,6 +315,8 @@ class _Call:
     span_id: str | None
     #: provider usage of the LLM calls made inside this one (StructuredLLM's wrapped LLM)
     nested_usage: TokenUsage | None = None
+    #: a stream was handed out: a failure after this one came while it was read
+    handed_out: bool = False
 
     @property
     def class_name(self) -> str:
@@ -369,22 +394,25 @@ def _finish_run(
     response: Any = None,
     chunks: Sequence[str] | None = None,
     error: BaseException | None = None,
-    streamed: str = "",
+    streamed: _Streamed | None = None,
+    handed_out: bool = False,
     nested_usage: TokenUsage | None = None,
 ) -> None:
     state = tracker.runs.finish(key)
     if state is None:
         return
     model = _response_model(response) or state.model or UNKNOWN_MODEL
+    usage: TokenUsage | None
     if state.call_type == "embedding":
         texts = [chunk for chunk in (chunks or []) if isinstance(chunk, str)]
         usage = build_usage(embedding=count_texts_tokens(texts, model), estimated=True)
     else:
-        usage = (
-            _reported_usage(response, state)
-            or nested_usage
-            or _estimate(state, response, streamed, error)
-        )
+        usage = _reported_usage(response, state) or nested_usage
+        if usage is None and error is not None:
+            usage = _failed_usage(state, streamed, handed_out)
+        elif usage is None:
+            text = _response_text(response) or (streamed.text if streamed else "")
+            usage = _estimate(state, text)
     tracker.record_run(state, usage, model=model, error=error)
 
 
@@ -396,14 +424,40 @@ def _abandon_run(tracker: UsageTracker, key: str) -> None:
         tracker.release(state.reservation)
 
 
-def _estimate(
-    state: RunState, response: Any, streamed: str, error: BaseException | None
-) -> TokenUsage:
-    text = _response_text(response) or streamed
-    if error is not None and not text:
-        return TokenUsage()  # failed before anything came back: nothing billed
+def _estimate(state: RunState, text: str, prompt: int = 0) -> TokenUsage:
+    """tiktoken over the prompt (unless the provider reported it) and ``text``."""
     completion = count_text_tokens(text, state.model)  # 0 for no text
-    return build_usage(prompt=_prompt_estimate(state), completion=completion, estimated=True)
+    prompt = prompt or _prompt_estimate(state)
+    return build_usage(prompt=prompt, completion=completion, estimated=True)
+
+
+def _failed_usage(state: RunState, streamed: _Streamed | None, handed_out: bool) -> TokenUsage:
+    """A failed call bills nothing, unless it was a stream that had started: then what
+    was streamed, flagged estimated, with the input as the provider reported it where
+    the LLM class passed that on before the end. A stream handed out has started for
+    llama-index-llms-anthropic, which opens it (HTTP status checked) before handing out
+    the generator: a failure while that is read comes after ``message_start``."""
+    last = streamed.last if streamed is not None else None
+    reported = _reported_usage(last, state)  # the failure came after the final usage
+    if reported is not None:
+        return reported
+    text = streamed.text if streamed is not None else ""
+    source = state.extra.get("usage_source", "openai")
+    if not text and not (handed_out and source in BILLED_ONCE_STARTED):
+        return TokenUsage()  # refused, or failed before anything came back
+    return _estimate(state, text, prompt=_started_input(last, source))
+
+
+def _started_input(chunk: Any, source: UsageSource) -> int:
+    """The input a started stream reported before its end: llama-index-llms-anthropic
+    copies ``message_start``'s usage into each chunk's ``additional_kwargs`` (without
+    the cache counts, which it drops); 0 where not passed on."""
+    if source != "anthropic" or chunk is None:
+        return 0
+    kwargs = getattr(getattr(chunk, "message", None), "additional_kwargs", None)
+    usage = kwargs.get("usage") if isinstance(kwargs, dict) else None
+    found = normalize_usage(usage, source="anthropic", whole=False) if usage else None
+    return found.prompt_tokens if found is not None else 0
 
 
 # -------------------------------------------------------------------- CallbackManager
@@ -558,6 +612,10 @@ class UsageCallbackHandler(BaseCallbackHandler):
     def span_exited(self, span: str, result: Any) -> None:
         """A stream handed out ends unread when it is garbage-collected."""
         if _is_stream(result) and (event_id := self._span_calls.get(span)) is not None:
+            with self._lock:
+                call = self._opened.get(event_id)
+                if call is not None:
+                    call.handed_out = True
             weakref.finalize(result, self._abandon, event_id)
 
     def span_failed(self, span: str, error: BaseException | None) -> None:
@@ -595,7 +653,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
             if call is None:
                 return
             error = payload.get(_P_EXCEPTION)
-            streamed = _streamed_text(call.span_id) if error is not None else ""
+            streamed = _take_streamed(call.span_id)
             for tracker in self._trackers(event_id, False):
                 _finish_run(
                     tracker,
@@ -604,6 +662,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
                     chunks=payload.get(_P_CHUNKS),
                     error=error if isinstance(error, BaseException) else None,
                     streamed=streamed,
+                    handed_out=call.handed_out,
                     nested_usage=call.nested_usage,
                 )
         except Exception:  # never break the user's call from an end hook
@@ -651,7 +710,7 @@ class UsageEventHandler(BaseEventHandler):
         return "UsageEventHandler"
 
     def model_post_init(self, context: Any) -> None:
-        span_tree()  # calls are placed by the spans they run in
+        _watch_streams()  # calls are placed by the spans they run in, streams watched
         listen_to_span_ends(self)
 
     def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
@@ -665,16 +724,14 @@ class UsageEventHandler(BaseEventHandler):
 
     def _handle(self, event: BaseEvent) -> None:
         span = event.span_id or ""
-        if isinstance(event, (LLMChatInProgressEvent, LLMCompletionInProgressEvent)):
-            _remember_stream(span, _response_text(event.response))
-        elif isinstance(event, (LLMChatStartEvent, LLMCompletionStartEvent, EmbeddingStartEvent)):
+        if isinstance(event, (LLMChatStartEvent, LLMCompletionStartEvent, EmbeddingStartEvent)):
             self._start(event, span)
         elif isinstance(event, (LLMChatEndEvent, LLMCompletionEndEvent)):
-            self._end(span, response=event.response)
+            self._end(span, response=event.response, streamed=_take_streamed(span))
         elif isinstance(event, EmbeddingEndEvent):
             self._end(span, chunks=event.chunks)
         elif isinstance(event, ExceptionEvent):
-            self._end(span, error=event.exception, streamed=_streamed_text(span))
+            self._end(span, error=event.exception, streamed=_take_streamed(span))
 
     def _start(self, event: BaseEvent, span: str) -> None:
         payload = dict(getattr(event, "model_dict", None) or {})
@@ -724,7 +781,7 @@ class UsageEventHandler(BaseEventHandler):
         response: Any = None,
         chunks: Sequence[str] | None = None,
         error: BaseException | None = None,
-        streamed: str = "",
+        streamed: _Streamed | None = None,
     ) -> None:
         with self._lock:
             nested = self._nested.pop(span, None)
@@ -752,7 +809,7 @@ class UsageEventHandler(BaseEventHandler):
         response: Any = None,
         chunks: Sequence[str] | None = None,
         error: BaseException | None = None,
-        streamed: str = "",
+        streamed: _Streamed | None = None,
     ) -> None:
         for tracker in self._trackers(call.key, False):
             if (id(tracker), call.span_id or "") in _counted_spans:
@@ -765,6 +822,7 @@ class UsageEventHandler(BaseEventHandler):
                 chunks=chunks,
                 error=error,
                 streamed=streamed,
+                handed_out=call.handed_out,
                 nested_usage=call.nested_usage,
             )
 
@@ -774,11 +832,14 @@ class UsageEventHandler(BaseEventHandler):
             self._nested.pop(span, None)
             calls = self._calls.pop(span, [])
         for call in calls:
-            self._finish(call, error=error, streamed=_streamed_text(span))
+            self._finish(call, error=error, streamed=_take_streamed(span))
 
     def span_exited(self, span: str, result: Any) -> None:
         """A stream handed out ends unread when it is garbage-collected."""
         if _is_stream(result) and (span in self._calls or span in self._nested):
+            with self._lock:
+                for call in self._calls.get(span, ()):
+                    call.handed_out = True
             weakref.finalize(result, self._abandon, span)
 
     def _abandon(self, span: str) -> None:
@@ -802,7 +863,7 @@ class _SessionEventHandler(UsageEventHandler):
 
 
 class _StreamWatcher(BaseEventHandler):
-    """Keeps the latest streamed text per span for CallbackManager handlers."""
+    """Keeps what each stream handed out, per span, for both kinds of handler."""
 
     @classmethod
     def class_name(cls) -> str:
@@ -811,18 +872,19 @@ class _StreamWatcher(BaseEventHandler):
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
         if isinstance(event, (LLMChatInProgressEvent, LLMCompletionInProgressEvent)):
             try:
-                _remember_stream(event.span_id, _response_text(event.response))
+                _remember_chunk(event.span_id, event.response)
             except Exception:
                 logger.warning("usage tracking failed on a streamed chunk", exc_info=True)
 
 
 _wiring_lock = threading.Lock()
 _stream_watcher: _StreamWatcher | None = None
+_watcher_lock = threading.Lock()  # its own: handlers are built under the wiring lock
 
 
 def _watch_streams() -> None:
     global _stream_watcher
-    with _wiring_lock:
+    with _watcher_lock:
         if _stream_watcher is None:
             _stream_watcher = _StreamWatcher()
             get_dispatcher().add_event_handler(_stream_watcher)
