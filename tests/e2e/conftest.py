@@ -20,6 +20,6 @@ def _server() -> Iterator[ProviderServer]:
 def server(_server: ProviderServer) -> ProviderServer:
     _server.reset()
     _server.cached = _server.cache_write = _server.cache_write_1h = _server.reasoning = 0
-    _server.web_searches = 0
+    _server.web_searches = _server.web_search_errors = 0
     _server.reply = REPLY
     return _server

@@ -19,7 +19,8 @@ Billing rules (deterministic, non-trivial), reported as the current APIs report 
   Responses API (``/responses``) bills like chat, in its own usage shape;
 - Anthropic's ``message_delta`` usage is cumulative; ``web_searches`` server-side
   searches are reported under ``server_tool_use`` (and streamed as ``server_tool_use``
-  blocks with their results before the reply);
+  blocks with their results before the reply); ``web_search_errors`` more searches
+  failed (their result is an error) and bill nothing;
 - ``stream_error_after``: the next Anthropic stream sends an ``error`` event
   (``overloaded_error``, as Anthropic's streaming docs show) after ``message_start`` and
   that many words; the started message bills its whole input and the words sent;
@@ -69,6 +70,7 @@ class ProviderServer:
     cache_write_1h: int = 0
     reasoning: int = 0
     web_searches: int = 0
+    web_search_errors: int = 0
     reply: str = REPLY
     #: (function name, arguments) to answer the next OpenAI chat requests with, in order
     tool_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -412,7 +414,7 @@ class ProviderServer:
             "stop_reason": "end_turn",
             "stop_sequence": None,
         }
-        searches = _web_search_blocks(self.web_searches)
+        searches = _web_search_blocks(self.web_searches, self.web_search_errors)
         if not body.get("stream"):
             content = [*searches, {"type": "text", "text": self.reply}]
             _json(handler, {**message, "content": content, "usage": usage})
@@ -533,10 +535,11 @@ def _ndjson(handler: BaseHTTPRequestHandler, lines: Iterator[dict[str, Any]]) ->
     handler.close_connection = True
 
 
-def _web_search_blocks(searches: int) -> list[dict[str, Any]]:
-    """A ``server_tool_use`` block and its result for each search, as Anthropic returns them."""
+def _web_search_blocks(searches: int, errors: int) -> list[dict[str, Any]]:
+    """A ``server_tool_use`` block and its result for each search, as Anthropic returns
+    them; the failed ones' results are errors."""
     blocks: list[dict[str, Any]] = []
-    for n in range(searches):
+    for n in range(searches + errors):
         blocks.append(
             {
                 "type": "server_tool_use",
@@ -545,10 +548,19 @@ def _web_search_blocks(searches: int) -> list[dict[str, Any]]:
                 "input": {"query": f"capital of France {n}"},
             }
         )
-        result = {"type": "web_search_result", "title": "Paris", "url": "https://example.com"}
-        result.update(encrypted_content="e", page_age=None)
+        result: Any = [
+            {
+                "type": "web_search_result",
+                "title": "Paris",
+                "url": "https://example.com",
+                "encrypted_content": "e",
+                "page_age": None,
+            }
+        ]
+        if n >= searches:
+            result = {"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}
         blocks.append(
-            {"type": "web_search_tool_result", "tool_use_id": f"srvtoolu_{n}", "content": [result]}
+            {"type": "web_search_tool_result", "tool_use_id": f"srvtoolu_{n}", "content": result}
         )
     return blocks
 

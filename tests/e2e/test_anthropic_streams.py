@@ -67,10 +67,10 @@ def _one_failed(tracker: UsageTracker) -> UsageRecord:
 
 
 @pytest.mark.parametrize("streaming", ["sync", "async"])
-def test_llamaindex_stream_reads_exactly_with_cache(
+def test_llamaindex_stream_reads_exactly_with_cache_and_web_searches(
     llamaindex_llm: Anthropic, server: ProviderServer, memory_tracker: UsageTracker, streaming: str
 ) -> None:
-    server.cached, server.cache_write = 8, 4
+    server.cached, server.cache_write, server.web_searches, server.web_search_errors = 8, 4, 2, 1
     _read(llamaindex_llm, streaming)
     [record] = memory_tracker.records()
     [bill] = server.billed
@@ -80,7 +80,8 @@ def test_llamaindex_stream_reads_exactly_with_cache(
         record.completion_tokens,
         record.cache_read_tokens,
         record.cache_write_tokens,
-    ) == (bill.prompt, bill.completion, bill.cached, bill.cache_write)
+        record.web_search_requests,
+    ) == (bill.prompt, bill.completion, bill.cached, bill.cache_write, bill.web_searches)
 
 
 @pytest.mark.parametrize("streaming", ["sync", "async"])

@@ -21,6 +21,7 @@ from usage_callbacks.langchain import TrackedEmbeddings, UsageCallbackHandler
 from usage_callbacks.store.models import UsageRecord
 
 QUESTION = "What is the capital of France? Answer in one sentence, please."
+WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
 
 
 def _openai(server: ProviderServer, model: str = "gpt-4o-mini", **kwargs: Any) -> ChatOpenAI:
@@ -189,19 +190,24 @@ def test_anthropic_cache_writes_split_by_ttl_and_web_searches(
     server: ProviderServer, memory_tracker: UsageTracker
 ) -> None:
     """langchain-anthropic reports TTL-split writes with cache_creation 0; the 1h part
-    costs 2x input, the 5m part 1.25x; web searches are billed per request."""
+    costs 2x input, the 5m part 1.25x; web searches are billed per request, streamed too."""
     server.cached, server.cache_write, server.cache_write_1h, server.web_searches = 8, 6, 4, 2
-    model = _anthropic(server)
+    server.web_search_errors = 1  # a failed search bills nothing
+    model = _anthropic(server).bind_tools([WEB_SEARCH])
     config = {"callbacks": [UsageCallbackHandler(memory_tracker)]}
     model.invoke(QUESTION, config=config)  # type: ignore[arg-type]
     list(model.stream(QUESTION, config=config))  # type: ignore[arg-type]
+
+    async def stream_async() -> None:
+        async for _ in model.astream(QUESTION, config=config):  # type: ignore[arg-type]
+            pass
+
+    asyncio.run(stream_async())
     records = memory_tracker.records()
-    assert len(records) == len(server.billed) == 2
-    _matches(records[0], server.billed[0])
-    # streamed: the web-search count is not in the stream's usage_metadata, the rest is
-    streamed = server.billed[1]
-    streamed.web_searches = 0
-    _matches(records[1], streamed)
+    assert len(records) == len(server.billed) == 3
+    # streamed: the searches are not in the stream's usage_metadata; its results are
+    for record, bill in zip(records, server.billed, strict=True):
+        _matches(record, bill)
 
 
 @pytest.mark.parametrize("tier", ["flex", "priority"])

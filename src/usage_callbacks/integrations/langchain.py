@@ -628,16 +628,8 @@ def _provider_usage(
         additive = provider in _REASONING_ADDITIVE
         first, *rest = (usage_from_langchain(usage, additive) for usage in distinct)
         total: TokenUsage = sum(rest, first)
-        raw_usage = llm_output.get("usage")
-        if (
-            source == "anthropic"
-            and isinstance(raw_usage, dict)
-            and raw_usage.get("server_tool_use")
-        ):
-            # usage_metadata has no server-tool counts; the raw usage beside it has
-            raw = normalize_usage(raw_usage, source=source, whole=False)
-            if raw is not None:
-                total = total.model_copy(update={"web_search_requests": raw.web_search_requests})
+        if source == "anthropic" and (searches := _anthropic_web_searches(llm_output, generations)):
+            total = total.model_copy(update={"web_search_requests": searches})
         return total
     for key in ("token_usage", "usage"):
         place = llm_output.get(key)
@@ -653,6 +645,31 @@ def _provider_usage(
             if found is not None:
                 return found
     return None
+
+
+def _anthropic_web_searches(llm_output: dict[str, Any], generations: list[Any]) -> int:
+    """Anthropic's billed web searches, which ``usage_metadata`` leaves out: the raw
+    usage's ``server_tool_use`` beside it (``llm_output``); a stream has none (its
+    ``message_delta`` usage is reduced to ``usage_metadata``), so there the search results
+    it streamed count, one per search (a failed search, whose result is an error, is not
+    billed)."""
+    raw_usage = llm_output.get("usage")
+    if isinstance(raw_usage, dict) and raw_usage.get("server_tool_use"):
+        raw = normalize_usage(raw_usage, source="anthropic", whole=False)
+        return raw.web_search_requests if raw is not None else 0
+    return sum(
+        1
+        for generation in generations
+        for block in _content_blocks(generation)
+        if block.get("type") == "web_search_tool_result" and isinstance(block.get("content"), list)
+    )
+
+
+def _content_blocks(generation: Any) -> list[dict[str, Any]]:
+    content = getattr(getattr(generation, "message", None), "content", None)
+    if not isinstance(content, list):  # plain text: no blocks
+        return []
+    return [block for block in content if isinstance(block, dict)]
 
 
 def _returned_texts(state: RunState, generations: list[Any]) -> list[str]:
