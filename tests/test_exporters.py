@@ -23,6 +23,7 @@ from usage_callbacks.langchain import UsageCallbackHandler as LangChainHandler
 from usage_callbacks.llamaindex import UsageCallbackHandler as LlamaIndexHandler
 
 PRICES = {"m": ModelPrice(input_per_mtok=Decimal(1), output_per_mtok=Decimal(2))}
+TTL = "usage_callbacks.cache.ttl"
 
 
 @pytest.fixture
@@ -86,6 +87,58 @@ def test_known_sequence_gives_exact_metrics(
     cost = sum(p.value for p in points["llm.request.cost"])
     assert cost == pytest.approx(float(sum(r.cost_estimate_usd for r in tracker.records())))
     assert all("user.id" not in p.attributes for series in points.values() for p in series)
+
+
+def test_every_token_kind_is_exported_with_its_value(
+    tracker: UsageTracker, reader: InMemoryMetricReader
+) -> None:
+    """The GenAI usage counters, by modality and cache TTL; the parts sum to their whole."""
+    every_kind = TokenUsage(
+        prompt_tokens=1000,
+        completion_tokens=300,
+        cache_read_tokens=400,
+        cache_write_tokens=150,
+        cache_write_1h_tokens=100,
+        input_audio_tokens=120,
+        input_image_tokens=80,
+        tool_prompt_tokens=30,
+        reasoning_tokens=90,
+        output_audio_tokens=60,
+        output_image_tokens=40,
+        web_search_requests=3,
+    )
+    tracker.record(every_kind, model="m", provider="p")
+    tracker.record(TokenUsage(embedding_tokens=25), model="m", provider="p", call_type="embedding")
+    points = _points(reader)
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "p"}
+    found = {
+        (
+            name,
+            point.attributes.get("gen_ai.token.modality"),
+            point.attributes.get(TTL),
+        ): point.value
+        for name, series in points.items()
+        if name.startswith(("gen_ai.client.inference.", "usage_callbacks."))
+        for point in series
+        if all(point.attributes.get(k) == v for k, v in chat.items())
+    }
+    usage = "gen_ai.client.inference.usage"
+    assert found == {
+        (f"{usage}.input_tokens", "audio", None): 120,
+        (f"{usage}.input_tokens", "image", None): 80,
+        (f"{usage}.input_tokens", "unknown", None): 800,
+        (f"{usage}.output_tokens", "audio", None): 60,
+        (f"{usage}.output_tokens", "image", None): 40,
+        (f"{usage}.output_tokens", "unknown", None): 200,
+        (f"{usage}.cache_read.input_tokens", "unknown", None): 400,
+        (f"{usage}.cache_write.input_tokens", "unknown", "5m"): 50,
+        (f"{usage}.cache_write.input_tokens", "unknown", "1h"): 100,
+        (f"{usage}.reasoning.output_tokens", "unknown", None): 90,
+        ("usage_callbacks.usage.tool_prompt.input_tokens", "unknown", None): 30,
+        ("usage_callbacks.usage.web_search.requests", None, None): 3,
+    }
+    embedded = _by(points[f"{usage}.input_tokens"], **{"gen_ai.operation.name": "embeddings"})
+    assert (embedded.value, embedded.attributes["gen_ai.token.modality"]) == (25, "unknown")
 
 
 def test_user_ids_only_on_request(reader: InMemoryMetricReader) -> None:

@@ -1,6 +1,15 @@
 """OpenTelemetry metrics for every tracked call: GenAI semantic conventions plus the
 ``llm.request.*`` counters existing dashboards use.
 
+Token kinds follow the GenAI token metrics: ``gen_ai.client.token.usage`` (a histogram
+per call, ``gen_ai.token.type`` input/output) and the ``gen_ai.client.inference.usage.*``
+counters: input and output tokens by ``gen_ai.token.modality`` (audio and image as
+reported, the rest ``unknown``: no provider splits it reliably, and cached tokens of any
+modality are in it), and their parts cache read, cache write (with
+``usage_callbacks.cache.ttl`` 5m/1h) and reasoning. Kinds the conventions have no name
+for are ``usage_callbacks.*`` counters: tool-use prompt tokens (a part of the input) and
+web search requests (billed per request).
+
     from opentelemetry.sdk.metrics import MeterProvider
     tracker = UsageTracker(exporters=[OTelExporter(MeterProvider(metric_readers=[...]))])
 
@@ -44,6 +53,7 @@ except ModuleNotFoundError as error:  # say which extra installs it
 
 from usage_callbacks.store.base import DIMENSION_PREFIX, group_levels
 from usage_callbacks.store.models import UsageRecord
+from usage_callbacks.usage import COUNT_FIELDS
 
 logger = logging.getLogger("usage_callbacks")
 
@@ -63,6 +73,83 @@ _ATTRIBUTION = {
 
 #: (metric attribute, record column, key in the column's dict or None)
 _Source = tuple[str, str, str | None]
+
+_MODALITY = "gen_ai.token.modality"
+_TTL = "usage_callbacks.cache.ttl"
+_UNKNOWN = {_MODALITY: "unknown"}
+#: (name, unit, description, [(count, attributes)]): the counts are the record's columns,
+#: and the rest of the input and output beside their audio and image parts
+_USAGE_COUNTERS: list[tuple[str, str, str, list[tuple[str, dict[str, str]]]]] = [
+    (
+        "gen_ai.client.inference.usage.input_tokens",
+        "{token}",
+        "input (prompt) tokens, including cached tokens",
+        [
+            ("input_audio_tokens", {_MODALITY: "audio"}),
+            ("input_image_tokens", {_MODALITY: "image"}),
+            ("input_rest", _UNKNOWN),
+        ],
+    ),
+    (
+        "gen_ai.client.inference.usage.output_tokens",
+        "{token}",
+        "output (completion) tokens, including reasoning tokens",
+        [
+            ("output_audio_tokens", {_MODALITY: "audio"}),
+            ("output_image_tokens", {_MODALITY: "image"}),
+            ("output_rest", _UNKNOWN),
+        ],
+    ),
+    (
+        "gen_ai.client.inference.usage.cache_read.input_tokens",
+        "{token}",
+        "input tokens served from a provider-managed cache",
+        [("cache_read_tokens", _UNKNOWN)],
+    ),
+    (
+        "gen_ai.client.inference.usage.cache_write.input_tokens",
+        "{token}",
+        "input tokens written to a provider-managed cache, by how long they are kept",
+        [
+            ("cache_write_5m", {**_UNKNOWN, _TTL: "5m"}),
+            ("cache_write_1h_tokens", {**_UNKNOWN, _TTL: "1h"}),
+        ],
+    ),
+    (
+        "gen_ai.client.inference.usage.reasoning.output_tokens",
+        "{token}",
+        "output tokens used for reasoning",
+        [("reasoning_tokens", _UNKNOWN)],
+    ),
+    (
+        "usage_callbacks.usage.tool_prompt.input_tokens",
+        "{token}",
+        "input tokens a provider-run tool added to the prompt",
+        [("tool_prompt_tokens", _UNKNOWN)],
+    ),
+    (
+        "usage_callbacks.usage.web_search.requests",
+        "{request}",
+        "server-side web searches, billed per request",
+        [("web_search_requests", {})],
+    ),
+]
+
+
+def _kind_counts(record: UsageRecord) -> dict[str, int]:
+    """The record's counts, and the parts of them the counters need."""
+    counts: dict[str, int] = {name: getattr(record, name) for name in COUNT_FIELDS}
+    counts["input_rest"] = (
+        counts["prompt_tokens"]
+        + counts["embedding_tokens"]
+        - counts["input_audio_tokens"]
+        - counts["input_image_tokens"]
+    )
+    counts["output_rest"] = (
+        counts["completion_tokens"] - counts["output_audio_tokens"] - counts["output_image_tokens"]
+    )
+    counts["cache_write_5m"] = counts["cache_write_tokens"] - counts["cache_write_1h_tokens"]
+    return counts
 
 
 def _attribution_sources(names: Sequence[str]) -> list[_Source]:
@@ -109,6 +196,11 @@ class OTelExporter:
         self._cost = meter.create_counter(
             "llm.request.cost", unit="USD", description="estimated cost of LLM calls"
         )
+        #: the usage counters: (counter, [(record column, extra attributes)])
+        self._kinds = [
+            (meter.create_counter(name, unit=unit, description=description), parts)
+            for name, unit, description, parts in _USAGE_COUNTERS
+        ]
 
     def export(self, record: UsageRecord) -> None:
         try:
@@ -160,3 +252,14 @@ class OTelExporter:
                 self._counters[kind].add(value, legacy)
         if record.cost_estimate_usd:
             self._cost.add(float(record.cost_estimate_usd), legacy)
+        self._export_kinds(record, genai)
+
+    def _export_kinds(self, record: UsageRecord, genai: dict[str, AttributeValue]) -> None:
+        """Every billed kind on its usage counter; parts without a count are left out."""
+        counts = _kind_counts(record)
+        for counter, parts in self._kinds:
+            for column, attributes in parts:
+                if counts[column]:
+                    labelled = dict(genai)
+                    labelled.update(attributes)
+                    counter.add(counts[column], labelled)
