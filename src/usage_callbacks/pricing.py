@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta, timezone
 from decimal import Decimal
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 from genai_prices import Usage, data_snapshot
@@ -105,65 +104,52 @@ class _Rates:
     web_search: Decimal
     embedding: Decimal
     request: Decimal = Decimal(0)
-    #: The rate of each of _RARE_PARTS beyond the plain rate of its whole (a part's
-    #: tokens are priced with the whole, then moved by this).
-    over: tuple[Decimal, ...] = field(init=False)
-    cache_read_over: Decimal = field(init=False)
-    cache_write_over: Decimal = field(init=False)
+    #: Each part (a TokenUsage field) whose rate differs from the plain rate of its
+    #: whole, with the difference (a part's tokens are priced with the whole, then moved
+    #: by it); parts at their whole's rate cost nothing more and are not looked at.
+    parts: tuple[tuple[str, Decimal], ...] = field(init=False)
+    #: Cost of ``counts`` (a TokenUsage's ``__dict__``): the variant for this price
+    #: (measured 0.49 -> 0.31 us against testing all nine parts and the fee each call).
+    cost: Callable[[dict[str, Any]], Decimal] = field(init=False)
 
     def __post_init__(self) -> None:
-        over = (
-            self.cache_write_1h - self.cache_write_5m,
-            self.input_audio - self.input,
-            self.input_image - self.input,
-            self.tool_prompt - self.input,
-            self.reasoning - self.output,
-            self.output_audio - self.output,
-            self.output_image - self.output,
-            self.embedding,
-            self.web_search,
-        )
-        object.__setattr__(self, "over", over)
-        object.__setattr__(self, "cache_read_over", self.cache_read - self.input)
-        object.__setattr__(self, "cache_write_over", self.cache_write_5m - self.input)
+        over = {
+            "cache_read_tokens": self.cache_read - self.input,
+            "cache_write_tokens": self.cache_write_5m - self.input,
+            "cache_write_1h_tokens": self.cache_write_1h - self.cache_write_5m,
+            "input_audio_tokens": self.input_audio - self.input,
+            "input_image_tokens": self.input_image - self.input,
+            "tool_prompt_tokens": self.tool_prompt - self.input,
+            "reasoning_tokens": self.reasoning - self.output,
+            "output_audio_tokens": self.output_audio - self.output,
+            "output_image_tokens": self.output_image - self.output,
+            "embedding_tokens": self.embedding,
+            "web_search_requests": self.web_search,
+        }
+        parts = tuple((name, rate) for name, rate in over.items() if rate)
+        object.__setattr__(self, "parts", parts)
+        object.__setattr__(self, "cost", self._cost_and_fee if self.request else self._cost)
 
-    def cost(self, counts: dict[str, Any]) -> Decimal:
-        """Cost of ``counts`` (a TokenUsage's ``__dict__``)."""
+    def _cost(self, counts: dict[str, Any]) -> Decimal:
         cost: Decimal = counts["prompt_tokens"] * self.input
         if completion := counts["completion_tokens"]:
             cost += completion * self.output
-        if cache_read := counts["cache_read_tokens"]:
-            cost += cache_read * self.cache_read_over
-        if cache_write := counts["cache_write_tokens"]:
-            cost += cache_write * self.cache_write_over
-        # the rarer parts fetched in one C call, multiplied only when there (measured:
-        # 2.3 -> 1.7 us for a plain call against a lookup and a test per part)
-        parts = _RARE_PARTS(counts)
-        if any(parts):
-            cost += sum([n * rate for n, rate in zip(parts, self.over, strict=True) if n])
-        if self.request:
-            cost += self.request
+        for name, rate in self.parts:
+            if count := counts[name]:
+                cost += count * rate
         return cost
 
-
-#: The parts of a usage priced apart other than cache reads and writes, in the order of
-#: _Rates.over.
-_RARE_PARTS = itemgetter(
-    "cache_write_1h_tokens",
-    "input_audio_tokens",
-    "input_image_tokens",
-    "tool_prompt_tokens",
-    "reasoning_tokens",
-    "output_audio_tokens",
-    "output_image_tokens",
-    "embedding_tokens",
-    "web_search_requests",
-)
+    def _cost_and_fee(self, counts: dict[str, Any]) -> Decimal:
+        return self._cost(counts) + self.request
 
 
 class PricedUsage(NamedTuple):
     cost_usd: Decimal
     known: bool
+
+
+#: Builds a PricedUsage without NamedTuple's Python-level ``__new__`` (0.24 -> 0.14 us).
+_tuple = tuple.__new__
 
 
 #: Registry usage keys genai-prices could infer from ours and refuse as ambiguous
@@ -374,7 +360,7 @@ class Pricer:
             return _UNPRICED
         tier = usage.service_tier
         if tier is None and entry.fixed is not None:  # the usual case, kept short
-            return PricedUsage(entry.fixed(usage.__dict__), True)
+            return _tuple(PricedUsage, (entry.fixed(usage.__dict__), True))
         chosen = entry.chosen.get(tier)
         if chosen is not None and chosen[0] is None:  # a price that never changes
             catalog = chosen[2]
@@ -389,7 +375,7 @@ class Pricer:
                 if found is None:
                     return _UNPRICED
                 catalog = found
-        return PricedUsage(catalog.cost_of(usage.__dict__), True)
+        return _tuple(PricedUsage, (catalog.cost_of(usage.__dict__), True))
 
     def _choose(
         self, entry: _CatalogModel, when: datetime, tier: str | None
