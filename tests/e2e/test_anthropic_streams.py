@@ -7,6 +7,7 @@ words sent; what is recorded keeps that, flagged estimated where it was estimate
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,6 +108,25 @@ def test_llamaindex_stream_failing_after_message_start_keeps_the_billed_input(
         assert record.prompt_tokens == bill.prompt
     else:
         assert abs(record.prompt_tokens - bill.prompt) <= bill.prompt // 3  # tiktoken vs Claude
+
+
+@pytest.mark.parametrize("streaming", ["sync", "async"])
+def test_llamaindex_stream_never_read_bills_the_input_it_sent(
+    llamaindex_llm: Anthropic, server: ProviderServer, memory_tracker: UsageTracker, streaming: str
+) -> None:
+    """llama-index-llms-anthropic sends the request as it hands the stream out: dropped
+    unread, it was billed its input all the same."""
+    if streaming == "sync":
+        stream: Any = llamaindex_llm.stream_chat(MESSAGES)
+    else:
+        stream = asyncio.run(llamaindex_llm.astream_chat(MESSAGES))
+    del stream
+    gc.collect()
+    [record] = memory_tracker.records()
+    [bill] = server.billed
+    assert (record.status, record.error_type) == ("error", "GeneratorExit")
+    assert record.estimated and record.completion_tokens == 0 and record.cost_estimate_usd > 0
+    assert abs(record.prompt_tokens - bill.prompt) <= bill.prompt // 3  # tiktoken vs Claude
 
 
 def test_llamaindex_refused_stream_bills_nothing(

@@ -416,9 +416,17 @@ def _finish_run(
     tracker.record_run(state, usage, model=model, error=error)
 
 
-def _abandon_run(tracker: UsageTracker, key: str) -> None:
-    """A stream handed out and garbage-collected unread: nothing was sent, nothing billed;
-    its state and budget hold end here."""
+def _abandon_run(tracker: UsageTracker, key: str, *, counted: bool = False) -> None:
+    """A stream handed out and garbage-collected unread: its state and budget hold end
+    here. Nothing was billed, unless the LLM class sent the request as it handed the
+    stream out and the provider bills a started stream (llama-index-llms-anthropic):
+    then the input, estimated, recorded as a stream closed unread (``GeneratorExit``,
+    as when one is closed half-read). ``counted``: a CallbackManager handler of the
+    same tracker records this call."""
+    state = tracker.runs.get(key)
+    if not counted and state and state.extra.get("usage_source") in BILLED_ONCE_STARTED:
+        _finish_run(tracker, key, error=GeneratorExit(), handed_out=True)
+        return
     state = tracker.runs.finish(key)
     if state is not None:
         tracker.release(state.reservation)
@@ -848,7 +856,8 @@ class UsageEventHandler(BaseEventHandler):
             calls = self._calls.pop(span, [])
         for call in calls:
             for tracker in self._trackers(call.key, False):
-                _abandon_run(tracker, call.key)
+                counted = (id(tracker), call.span_id or "") in _counted_spans
+                _abandon_run(tracker, call.key, counted=counted)
 
 
 class _SessionEventHandler(UsageEventHandler):
