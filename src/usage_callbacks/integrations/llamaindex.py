@@ -18,8 +18,9 @@ another's span is part of it (``CustomLLM``'s chat -> complete, ``as_structured_
 wrapped LLM: one record, with the inner provider usage), while interleaved streams and
 calls made during a stream are each their own. A call ends with its end event, its
 exception, its span's drop (a failed non-streaming call sends nothing else), or, for a
-stream handed out and never read, its garbage collection (nothing billed; budget hold
-released). Inside ``with tracker.session(...)`` both are wired for you.
+stream handed out and never read, its garbage collection (nothing billed, budget hold
+released; but llama-index-llms-anthropic sent the request already: its input is billed).
+A stream that fails while read keeps what was streamed, estimated. Inside ``with tracker.session(...)`` both are wired for you.
 
 Attribution (workflow step, agent, run names, ``instrument_tags`` dimensions) comes from
 the spans in flight: see ``llamaindex_spans``.
