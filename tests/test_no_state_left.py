@@ -163,6 +163,9 @@ def _li_paths(
     def unread_stream() -> None:
         llm.stream_chat(messages)
 
+    def read_stream() -> None:
+        list(llm.stream_chat(messages))  # chat -> stream_complete: a stream inside a stream
+
     def two_handlers() -> None:
         with tracker.session("s"):
             llm.chat(messages)
@@ -178,6 +181,7 @@ def _li_paths(
         "refusal": refusal,
         "abandoned stream": abandoned_stream,
         "unread stream": unread_stream,
+        "read stream": read_stream,
         "two handlers": two_handlers,
         "session re-entered": session_reentered,
     }
@@ -207,6 +211,7 @@ class _FailingLLM(CustomLLM):
         "refusal",
         "abandoned stream",
         "unread stream",
+        "read stream",
         "two handlers",
         "session re-entered",
     ],

@@ -20,7 +20,8 @@ calls made during a stream are each their own. A call ends with its end event, i
 exception, its span's drop (a failed non-streaming call sends nothing else), or, for a
 stream handed out and never read, its garbage collection (nothing billed, budget hold
 released; but llama-index-llms-anthropic sent the request already: its input is billed).
-A stream that fails while read keeps what was streamed, estimated. Inside ``with tracker.session(...)`` both are wired for you.
+A stream that fails while read keeps what was streamed, estimated. Inside
+``with tracker.session(...)`` both are wired for you.
 
 Attribution (workflow step, agent, run names, ``instrument_tags`` dimensions) comes from
 the spans in flight: see ``llamaindex_spans``.
@@ -500,8 +501,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
         #: open calls by event id, and the event id of the open LLM call of each span
         self._opened: dict[str, _Call] = {}
         self._span_calls: dict[str, str] = {}
-        #: LLM events inside another open call: event id -> (that call, own class name)
-        self._nested: dict[str, tuple[_Call, str]] = {}
+        #: LLM events inside another open call: event id -> (that call, own class name,
+        #: own span)
+        self._nested: dict[str, tuple[_Call, str, str | None]] = {}
         # re-entrant: a stream garbage-collected mid-update ends its call (_abandon)
         self._lock = threading.RLock()
         span_tree()  # nested calls are told by the spans they run in
@@ -590,7 +592,8 @@ class UsageCallbackHandler(BaseCallbackHandler):
                 outer = span_tree().enclosing(span_id, self._span_calls)
                 if outer is not None:  # part of that call: chat -> complete, StructuredLLM
                     outer_call = self._opened[self._span_calls[outer]]
-                    self._nested[event_id] = (outer_call, str(serialized.get("class_name")))
+                    class_name = str(serialized.get("class_name"))
+                    self._nested[event_id] = (outer_call, class_name, span_id)
                     return None
         call = _Call(
             key=event_id,
@@ -635,7 +638,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
         if call is None:
             return
         with self._lock:  # the calls inside it (CustomLLM's stream_complete) end with it
-            for inner in [key for key, (outer, _) in self._nested.items() if outer is call]:
+            for inner in [key for key, (outer, *_) in self._nested.items() if outer is call]:
                 del self._nested[inner]
         for tracker in self._trackers(event_id, False):
             _abandon_run(tracker, event_id)
@@ -655,8 +658,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
             with self._lock:
                 nested = self._nested.pop(event_id, None)
             if nested is not None:
-                outer, class_name = nested
+                outer, class_name, span = nested
                 outer.add_nested(response, class_name)
+                _take_streamed(span)  # the inner call ended: forget what it streamed
                 return
             call = self._close(event_id)
             if call is None:
