@@ -109,6 +109,7 @@ def test_every_token_kind_is_exported_with_its_value(
     )
     tracker.record(every_kind, model="m", provider="p")
     tracker.record(TokenUsage(embedding_tokens=25), model="m", provider="p", call_type="embedding")
+    tracker.record(TokenUsage(), model="m", provider="q", status="error", error_type="Timeout")
     points = _points(reader)
     chat = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "p"}
     found = {
@@ -139,6 +140,16 @@ def test_every_token_kind_is_exported_with_its_value(
     }
     embedded = _by(points[f"{usage}.input_tokens"], **{"gen_ai.operation.name": "embeddings"})
     assert (embedded.value, embedded.attributes["gen_ai.token.modality"]) == (25, "unknown")
+    failed = {  # a failed call counts 0 input and output tokens of unknown modality
+        (name, point.attributes["gen_ai.token.modality"], point.value)
+        for name, series in points.items()
+        for point in series
+        if name.startswith(usage) and point.attributes.get("gen_ai.provider.name") == "q"
+    }
+    assert failed == {
+        (f"{usage}.input_tokens", "unknown", 0),
+        (f"{usage}.output_tokens", "unknown", 0),
+    }
 
 
 def test_user_ids_only_on_request(reader: InMemoryMetricReader) -> None:

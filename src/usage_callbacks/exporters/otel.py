@@ -136,6 +136,9 @@ _USAGE_COUNTERS: list[tuple[str, str, str, list[tuple[str, dict[str, str]]]]] = 
 ]
 
 
+_ALWAYS_COUNTED = frozenset(("input_rest", "output_rest"))
+
+
 def _kind_counts(record: UsageRecord) -> dict[str, int]:
     """The record's counts, and the parts of them the counters need."""
     counts: dict[str, int] = {name: getattr(record, name) for name in COUNT_FIELDS}
@@ -255,11 +258,13 @@ class OTelExporter:
         self._export_kinds(record, genai)
 
     def _export_kinds(self, record: UsageRecord, genai: dict[str, AttributeValue]) -> None:
-        """Every billed kind on its usage counter; parts without a count are left out."""
+        """Every billed kind on its usage counter. Parts without a count are left out,
+        but input and output are counted for every call, failed ones too (0 ``unknown``
+        when nothing was billed), as the conventions ask."""
         counts = _kind_counts(record)
         for counter, parts in self._kinds:
             for column, attributes in parts:
-                if counts[column]:
+                if counts[column] or column in _ALWAYS_COUNTED:
                     labelled = dict(genai)
                     labelled.update(attributes)
                     counter.add(counts[column], labelled)
