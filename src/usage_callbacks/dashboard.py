@@ -1,6 +1,6 @@
 """``usage-callbacks dashboard``: a local, read-only web page over the usage database.
 
-The server aggregates in SQL (the same store queries as ``summary``) and answers JSON;
+The server aggregates in SQL (the filters and sums of ``summary``) and answers JSON;
 the page (``dashboard.html``, shipped in the package: no CDN, works offline) draws it and
 asks again every few seconds, so it follows calls while they are recorded. It binds to
 127.0.0.1; any other address needs ``allow_remote`` and a token every request carries.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from http import HTTPStatus
@@ -20,14 +21,23 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from usage_callbacks.store import SqlStore, UsageFilter
+from usage_callbacks.store.base import DIMENSION_PREFIX, Breakdown, GroupTotals
 from usage_callbacks.store.ledger import BudgetStatus
-from usage_callbacks.store.models import UsageRecord
+from usage_callbacks.store.models import UsageRecord, pico_to_usd, usd_to_pico
 
 logger = logging.getLogger("usage_callbacks")
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 #: Rows of the costliest-calls and errors tables.
 TOP_ROWS = 10
+#: The window the page shows until another is chosen.
+DEFAULT_DAYS = 30
+#: Rows of each breakdown table (the costliest groups; the page says how many there are).
+TOP_GROUPS = 10
+#: The page's breakdowns besides the declared dimensions.
+BREAKDOWNS = ("model", "user", "node", "agent", "thread")
+#: Queries of one refresh that run side by side.
+QUERY_THREADS = 4
 
 
 class DashboardConfigurationError(ValueError):
@@ -45,8 +55,27 @@ def check_bind(host: str, *, allow_remote: bool, token: str | None) -> None:
         )
 
 
-def usage_filter(query: dict[str, list[str]]) -> UsageFilter:
-    """The page's filters: user, model, session, node, agent and a since/until date range."""
+def default_since(now: datetime) -> datetime:
+    """The start of the page's default window: the last DEFAULT_DAYS UTC days, today too."""
+    today = now.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=DEFAULT_DAYS - 1)
+
+
+#: The page's filters and the UsageFilter field each sets.
+FILTERS = {
+    "user": "user_id",
+    "model": "model",
+    "session": "session_id",
+    "node": "node",
+    "agent": "agent",
+    "thread": "thread_id",
+}
+
+
+def usage_filter(query: dict[str, list[str]], now: datetime | None = None) -> UsageFilter:
+    """The page's filters: user, model, session, node, agent, thread, ``dimension:KEY``
+    and a since/until date range. Without ``since`` the last DEFAULT_DAYS days are read
+    (a refresh stays bounded however old the database); an empty ``since`` reads all."""
 
     def text(name: str) -> str | None:
         value = (query.get(name) or [""])[0].strip()
@@ -59,15 +88,22 @@ def usage_filter(query: dict[str, list[str]]) -> UsageFilter:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
+    dimensions = {
+        name.removeprefix(DIMENSION_PREFIX): value
+        for name in query
+        if name.startswith(DIMENSION_PREFIX) and (value := text(name)) is not None
+    }
+    since = moment("since") if "since" in query else default_since(now or _now())
     return UsageFilter(
-        user_id=text("user"),
-        model=text("model"),
-        session_id=text("session"),
-        node=text("node"),
-        agent=text("agent"),
-        since=moment("since"),
+        **{field: text(name) for name, field in FILTERS.items()},
+        dimensions=dimensions or None,
+        since=since,
         until=moment("until"),
     )
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def _call(record: UsageRecord) -> dict[str, Any]:
@@ -102,10 +138,49 @@ def forecast(status: BudgetStatus, now: datetime) -> str:
     return f"runs out at {runs_out:%Y-%m-%d %H:%M} UTC at this rate"
 
 
+def levels(store: SqlStore) -> list[str]:
+    """The breakdowns the page shows: the attribution levels and each declared dimension."""
+    return [*BREAKDOWNS, *(DIMENSION_PREFIX + key for key in store.declared_dimensions())]
+
+
+def _groups(breakdown: Breakdown) -> dict[str, Any]:
+    return {
+        "level": breakdown.levels[0],
+        "group_count": breakdown.group_count,
+        "groups": [
+            {**group.model_dump(mode="json", exclude={"keys"}), "key": group.keys[0]}
+            for group in breakdown.groups
+        ],
+    }
+
+
+def _totals(groups: list[GroupTotals]) -> dict[str, Any]:
+    """The whole selection's numbers, added up from the chart's groups (every call is in
+    one): no query of its own."""
+    pico = sum(usd_to_pico(group.cost_usd) for group in groups)
+    totals = GroupTotals(
+        keys=(),
+        calls=sum(group.calls for group in groups),
+        total_tokens=sum(group.total_tokens for group in groups),
+        cost_usd=pico_to_usd(pico),
+        errors=sum(group.errors for group in groups),
+        unpriced_calls=sum(group.unpriced_calls for group in groups),
+    )
+    return totals.model_dump(mode="json", exclude={"keys"})
+
+
 def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, Any]:
-    """Everything the page shows, aggregated in SQL."""
-    now = datetime.now(timezone.utc)
-    summary = store.summary(where, None)
+    """Everything the page shows, aggregated in SQL: one query per part, run side by side
+    (sqlite3 and psycopg let other threads run while a query does)."""
+    now = _now()
+    shown = levels(store)
+    bucket = "hour" if hourly else "day"
+    with ThreadPoolExecutor(QUERY_THREADS) as pool:
+        series = pool.submit(store.breakdown, where, (bucket, "model"))
+        breakdowns = [pool.submit(store.breakdown, where, (level,), TOP_GROUPS) for level in shown]
+        costliest = pool.submit(store.costliest, where, TOP_ROWS)
+        errors = pool.submit(store.failures, where, TOP_ROWS)
+        statuses = pool.submit(store.ledger.overview, now)
     budgets = [
         {
             "budget": status.budget.label,
@@ -115,22 +190,23 @@ def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, 
             "left_usd": None if status.remaining_usd is None else str(status.remaining_usd),
             "forecast": forecast(status, now),
         }
-        for status in store.ledger.overview(now)
+        for status in statuses.result()
     ]
     return {
-        "summary": summary.model_dump(mode="json"),
-        **{
-            f"by_{level}": [
-                group.model_dump(mode="json") for group in store.breakdown(where, level)
-            ]
-            for level in ("model", "user", "node")
-        },
+        "totals": _totals(series.result().groups),
+        "since": None if where.since is None else where.since.isoformat(),
+        "dimensions": [level.removeprefix(DIMENSION_PREFIX) for level in shown[len(BREAKDOWNS) :]],
+        "breakdowns": [_groups(future.result()) for future in breakdowns],
         "series": [
-            {"bucket": row.day, "model": row.model, "cost_usd": str(row.usage.cost_estimate_usd)}
-            for row in store.daily_by_model(where, hourly=hourly)
+            {
+                "bucket": group.keys[0],
+                "model": group.keys[1] or "unknown",
+                "cost_usd": str(group.cost_usd),
+            }
+            for group in series.result().groups
         ],
-        "costliest": [_call(record) for record in store.costliest(where, TOP_ROWS)],
-        "errors": [_call(record) for record in store.failures(where, TOP_ROWS)],
+        "costliest": [_call(record) for record in costliest.result()],
+        "errors": [_call(record) for record in errors.result()],
         "budgets": budgets,
         "as_of": now.isoformat(),
     }
@@ -148,7 +224,7 @@ def make_server(
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             url = urlsplit(self.path)
-            query = parse_qs(url.query)
+            query = parse_qs(url.query, keep_blank_values=True)
             if token is not None:
                 given = (query.get("token") or [""])[0]
                 if not hmac.compare_digest(given.encode(), token.encode()):

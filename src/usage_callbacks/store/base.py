@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
@@ -139,6 +140,28 @@ class UsageSummary(BaseModel):
     period_start: datetime | None = None
     period_end: datetime | None = None
     groups: list[GroupSummary] = Field(default_factory=list)
+
+
+class GroupTotals(BaseModel):
+    """One group's calls, tokens and cost, without the token kinds and percentiles of a
+    GroupSummary: what a dashboard table or chart shows, cheap enough to read per refresh."""
+
+    #: the group's value at each level asked for (None: calls without one)
+    keys: tuple[str | None, ...]
+    calls: int
+    total_tokens: int
+    cost_usd: Decimal
+    errors: int = 0
+    #: calls with tokens but no known price: the cost leaves them out
+    unpriced_calls: int = 0
+
+
+class Breakdown(BaseModel):
+    """The largest groups (by cost) and how many groups there are in all."""
+
+    levels: tuple[str, ...]
+    groups: list[GroupTotals]
+    group_count: int
 
 
 class DailyUsage(BaseModel):
