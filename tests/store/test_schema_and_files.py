@@ -140,7 +140,8 @@ def test_a_v1_database_gains_the_billable_kinds_in_place(
     with UsageTracker(url) as tracker:
         tracker.record(TokenUsage(prompt_tokens=100, completion_tokens=20), model="gpt-4o")
     engine = sa.create_engine(url)
-    with engine.begin() as connection:  # back to the v1 tables
+    with engine.begin() as connection:  # back to the v1 tables (and indexes)
+        connection.exec_driver_sql("DROP INDEX ix_usage_records_invalid")
         for column in V2_COLUMNS:
             connection.exec_driver_sql(f"ALTER TABLE usage_records DROP COLUMN {column}")
         connection.exec_driver_sql("UPDATE usage_schema SET version = 1")

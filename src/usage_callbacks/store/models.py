@@ -25,8 +25,9 @@ logger = logging.getLogger("usage_callbacks")
 
 PICO = Decimal(10) ** 12
 #: Bumped when tables change; a database without a version row is v0 (pre-release builds).
-#: 2: audio/image/tool/1h-cache counts, web searches, service tier; 3: attribution
-SCHEMA_VERSION = 3
+#: 2: audio/image/tool/1h-cache counts, web searches, service tier; 3: attribution;
+#: 4: the partial index of rows outside TokenUsage's rules (store/sql.py)
+SCHEMA_VERSION = 4
 
 
 def utcnow() -> datetime:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 from sqlmodel import SQLModel
@@ -55,6 +56,8 @@ _PERCENTILES = (50, 95, 99)
 _PARALLEL_SUMMARY_ROWS = 200_000
 #: More threads than this gain nothing on the machines we measured (and cost memory).
 _MAX_SUMMARY_THREADS = 4
+#: What a read returns (see SqlStore._read_valid).
+_Read = TypeVar("_Read")
 _ROWID: sa.ColumnClause[int] = sa.literal_column("rowid", sa.Integer)
 
 
@@ -411,11 +414,9 @@ class SqlStore:
 
     def daily_by_model(self, where: UsageFilter, *, hourly: bool = False) -> list[DailyUsage]:
         """Spend and tokens per UTC day (or hour: ``YYYY-MM-DD HH``) and model, for charts."""
-        try:
-            return self._daily_by_model(where, hourly=hourly, checked=False)
-        except _BadRows:
-            self._warn_bad_rows(where)
-            return self._daily_by_model(where, hourly=hourly, checked=True)
+        return self._read_valid(
+            where, lambda checked: self._daily_by_model(where, hourly=hourly, checked=checked)
+        )
 
     def _daily_by_model(
         self, where: UsageFilter, *, hourly: bool, checked: bool
@@ -450,11 +451,9 @@ class SqlStore:
         checked_levels = tuple(
             level if level == "hour" else group_levels(level)[0] for level in levels
         )
-        try:
-            return self._breakdown(where, checked_levels, limit, checked=False)
-        except _BadRows:
-            self._warn_bad_rows(where)
-            return self._breakdown(where, checked_levels, limit, checked=True)
+        return self._read_valid(
+            where, lambda checked: self._breakdown(where, checked_levels, limit, checked=checked)
+        )
 
     def _breakdown(
         self, where: UsageFilter, levels: tuple[str, ...], limit: int | None, *, checked: bool
@@ -596,11 +595,9 @@ class SqlStore:
         in the same query; the first level's groups are folded from the second's.
         """
         levels = group_levels(group_by)
-        try:
-            groups, histograms = self._grouped(where, levels, checked=False)
-        except _BadRows:
-            self._warn_bad_rows(where)
-            groups, histograms = self._grouped(where, levels, checked=True)
+        groups, histograms = self._read_valid(
+            where, lambda checked: self._grouped(where, levels, checked=checked)
+        )
         name = ",".join(levels) or None
         if not groups:
             return UsageSummary(group_by=name)
@@ -621,6 +618,31 @@ class SqlStore:
             period_end=max(g.last_call for g in groups if g.last_call),
             groups=groups if levels else [],
         )
+
+    def _read_valid(self, where: UsageFilter, read: Callable[[bool], _Read]) -> _Read:
+        """``read(checked=False)`` while no stored row breaks TokenUsage's rules, else
+        ``read(checked=True)``, which leaves those rows out, with a warning.
+
+        Sums give away most such rows (a negative or fractional total), but not a
+        negative row that cancels out within its group (a rolled-back call written as
+        -N tokens); the partial index of those rows does, by a seek in an index that is
+        empty in a healthy database.
+        """
+        if not self._has_bad_rows():
+            try:
+                return read(False)
+            except _BadRows:
+                pass  # sums only valid rows can't add up to: read them again, checked
+        self._warn_bad_rows(where)
+        return read(True)
+
+    def _has_bad_rows(self) -> bool:
+        with self.lock, self.engine.begin() as connection:
+            if self.dialect == "postgresql":
+                # it cannot estimate the predicate, guesses every row matches and would
+                # scan the table for the first (1 s over 1M rows) instead of the index
+                connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            return connection.exec_driver_sql(_bad_rows_query(self.dialect)).first() is not None
 
     def _warn_bad_rows(self, where: UsageFilter) -> None:
         """Say how many stored rows a read leaves out, and why."""
@@ -1061,3 +1083,29 @@ def _aware(value: Any) -> datetime | None:
 def _record(row: sa.Row[Any]) -> UsageRecord:
     """A stored row as the record value (its column types already converted it)."""
     return UsageRecord.from_values(dict(row._mapping))
+
+
+#: Every stored row that breaks TokenUsage's rules, and only those (written by hand, by
+#: another program or by an older version): reads ask it whether to check every row.
+INVALID_ROWS_INDEX = "ix_usage_records_invalid"
+sa.Index(
+    INVALID_ROWS_INDEX,
+    records_table.c.ended_at,
+    sqlite_where=sa.not_(_valid_row()),
+    postgresql_where=sa.not_(_valid_row()),
+)
+
+
+@functools.cache
+def _bad_rows_query(dialect_name: str) -> str:
+    """Whether any row is in the partial index of invalid rows: its very predicate, with
+    literals (the planners match a partial index only on the same terms), and on SQLite
+    ``INDEXED BY`` it (an error, not a table scan, should it ever not match)."""
+    dialect: sa.Dialect = (
+        sqlite.dialect() if dialect_name == "sqlite" else postgresql.dialect()  # type: ignore[no-untyped-call]
+    )
+    predicate = sa.not_(_valid_row()).compile(
+        dialect=dialect, compile_kwargs={"literal_binds": True}
+    )
+    hint = f" INDEXED BY {INVALID_ROWS_INDEX}" if dialect_name == "sqlite" else ""
+    return f"SELECT 1 FROM {records_table.name}{hint} WHERE {predicate} LIMIT 1"
