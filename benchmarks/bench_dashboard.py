@@ -23,9 +23,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from usage_callbacks import TokenUsage, UsageTracker
+from usage_callbacks.charts import TOP_GROUPS
 from usage_callbacks.dashboard import (
     DEFAULT_DAYS,
-    TOP_GROUPS,
     TOP_ROWS,
     levels,
     snapshot,

@@ -49,6 +49,7 @@ def populated(tmp_path: Path) -> str:
                         provider=provider,
                         user_id=user,
                         session_id=f"s{day}",
+                        node=("plan", "answer", "review")[index],
                         ended_at=DAY0 + timedelta(days=day, minutes=index),
                     )
         t.record(TokenUsage(), model="gpt-4o", status="error", ended_at=DAY0)
@@ -180,18 +181,21 @@ def _chromium() -> str | None:
 
 
 def test_html_report_renders_its_charts_in_chromium(populated: str, tmp_path: Path) -> None:
+    """The dashboard's charts: spend stacked by model, per-user and per-node sections, both
+    axes labelled, as wide as the window."""
     chromium = _chromium()
     if chromium is None:
         pytest.skip("chromium is not installed")
-    from PIL import Image
+    from PIL import Image, ImageChops
 
-    from usage_callbacks.report import PALETTE
+    from usage_callbacks.charts import PALETTE
 
     out = tmp_path / "usage.html"
     assert run("report", "--db", populated, "--out", str(out)).returncode == 0
     text = out.read_text()
     assert "<script" not in text and "src=" not in text and "href=" not in text  # no network
     shot = tmp_path / "shot.png"
+    window = 1600
     subprocess.run(
         [
             chromium,
@@ -205,7 +209,7 @@ def test_html_report_renders_its_charts_in_chromium(populated: str, tmp_path: Pa
             "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}",
             f"--screenshot={shot}",
-            "--window-size=1000,2200",
+            f"--window-size={window},6000",
             out.as_uri(),
         ],
         capture_output=True,
@@ -223,6 +227,29 @@ def test_html_report_renders_its_charts_in_chromium(populated: str, tmp_path: Pa
     # four day columns: 4 stacks x 3 models
     assert text.count('class="bar" data-model=') == 12
     assert text.count('data-kind="') == 6
+    # the same charts as the dashboard: a section per user and per node
+    from usage_callbacks.dashboard import snapshot
+    from usage_callbacks.store import UsageFilter, open_store
+
+    store = open_store(populated, read_only=True)
+    try:
+        page = snapshot(store, UsageFilter(), hourly=False)
+    finally:
+        store.close()
+    assert page["spend_chart"] in text
+    for level in ("user", "node"):
+        [chart] = [b["chart"] for b in page["breakdowns"] if b["level"] == level]
+        assert f"<h2>Cost by {level}</h2>{chart}" in text
+    # alice, bob, carol and three nodes; the error call has neither
+    assert text.count('class="group-bar" data-key="') == 4 + 4
+    for axis in ("spend (USD)", "UTC day", "cost (USD)", ">user<", ">node<", ">tokens<"):
+        assert axis in text, axis
+    # as wide as the window: the rightmost day's bar (its third model's part: that colour
+    # is in no other chart here) ends near its right edge
+    solid = Image.new("RGB", image.size, rgb(PALETTE[2]))
+    found = ImageChops.difference(image, solid).convert("L").point(lambda v: 255 if v == 0 else 0)
+    right = found.getbbox()[2]  # type: ignore[index]
+    assert right > 0.8 * window, right  # a 760-wide chart in a 900-wide page: < 0.72
 
 
 @pytest.fixture

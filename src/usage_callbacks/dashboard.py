@@ -20,6 +20,7 @@ from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from usage_callbacks import charts
 from usage_callbacks.store import SqlStore, UsageFilter
 from usage_callbacks.store.base import DIMENSION_PREFIX, Breakdown, GroupTotals
 from usage_callbacks.store.ledger import BudgetStatus
@@ -32,8 +33,6 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 TOP_ROWS = 10
 #: The window the page shows until another is chosen.
 DEFAULT_DAYS = 30
-#: Rows of each breakdown table (the costliest groups; the page says how many there are).
-TOP_GROUPS = 10
 #: The page's breakdowns besides the declared dimensions.
 BREAKDOWNS = ("model", "user", "node", "agent", "thread")
 #: Queries of one refresh that run side by side.
@@ -144,8 +143,10 @@ def levels(store: SqlStore) -> list[str]:
 
 
 def _groups(breakdown: Breakdown) -> dict[str, Any]:
+    level = breakdown.levels[0]
     return {
-        "level": breakdown.levels[0],
+        "level": level,
+        "chart": charts.breakdown_chart(breakdown, level.removeprefix(DIMENSION_PREFIX)),
         "group_count": breakdown.group_count,
         "groups": [
             {**group.model_dump(mode="json", exclude={"keys"}), "key": group.keys[0]}
@@ -177,7 +178,9 @@ def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, 
     bucket = "hour" if hourly else "day"
     with ThreadPoolExecutor(QUERY_THREADS) as pool:
         series = pool.submit(store.breakdown, where, (bucket, "model"))
-        breakdowns = [pool.submit(store.breakdown, where, (level,), TOP_GROUPS) for level in shown]
+        breakdowns = [
+            pool.submit(store.breakdown, where, (level,), charts.TOP_GROUPS) for level in shown
+        ]
         costliest = pool.submit(store.costliest, where, TOP_ROWS)
         errors = pool.submit(store.failures, where, TOP_ROWS)
         statuses = pool.submit(store.ledger.overview, now)
@@ -197,6 +200,7 @@ def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, 
         "since": None if where.since is None else where.since.isoformat(),
         "dimensions": [level.removeprefix(DIMENSION_PREFIX) for level in shown[len(BREAKDOWNS) :]],
         "breakdowns": [_groups(future.result()) for future in breakdowns],
+        "spend_chart": charts.spend_chart(series.result(), hourly=hourly),
         "series": [
             {
                 "bucket": group.keys[0],

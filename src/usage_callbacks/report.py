@@ -1,21 +1,21 @@
 """Usage reports: Markdown for reading in a terminal or a PR, HTML with charts.
 
-The HTML is one self-contained file: inline CSS and inline SVG drawn here, no script and
-no network, so it opens anywhere, including from an e-mail attachment.
+The HTML is one self-contained file: inline CSS and the dashboard's inline SVG charts
+(charts.py), no script and no network, so it opens anywhere, including from an e-mail
+attachment.
 """
 
 from __future__ import annotations
 
 import html
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
 
-from usage_callbacks.store.base import DailyUsage, GroupBy, UsageFilter, UsageStore, UsageSummary
+from usage_callbacks import charts
+from usage_callbacks.store.base import Breakdown, GroupBy, UsageFilter, UsageStore, UsageSummary
 from usage_callbacks.store.models import UsageRecord
 
-PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f")
 TOKEN_KINDS = (
     ("prompt (uncached)", "#4e79a7"),
     ("cache read", "#76b7b2"),
@@ -32,7 +32,10 @@ class ReportData:
 
     overall: UsageSummary
     by_model: UsageSummary
-    daily: list[DailyUsage]
+    #: spend per day and model, for the chart
+    series: Breakdown
+    by_user: Breakdown
+    by_node: Breakdown
     latest: list[UsageRecord]
     #: the breakdown asked for (node, agent, dimension:tenant, ...), if any
     breakdown: UsageSummary | None = None
@@ -43,7 +46,9 @@ def gather(store: UsageStore, where: UsageFilter, by: GroupBy | None = None) -> 
     return ReportData(
         overall=store.summary(where, None),
         by_model=store.summary(where, "model"),
-        daily=store.daily_by_model(where),
+        series=store.breakdown(where, ("day", "model")),
+        by_user=store.breakdown(where, ("user",), charts.TOP_GROUPS),
+        by_node=store.breakdown(where, ("node",), charts.TOP_GROUPS),
         latest=store.records(where, limit=10, newest_first=True),
         breakdown=store.summary(where, by) if by else None,
     )
@@ -60,12 +65,8 @@ def cell(value: object) -> str:
 _CELL_BORDER = re.compile(r"(?<!\\)\|")
 
 
-def _usd(value: Decimal) -> str:
-    return f"${value:,.6f}" if value < 1 else f"${value:,.2f}"
-
-
 def _per_1k(cost: Decimal, tokens: int) -> str:
-    return _usd(cost * 1000 / tokens) if tokens else "-"
+    return charts.usd(cost * 1000 / tokens) if tokens else "-"
 
 
 def token_parts(summary: UsageSummary) -> list[int]:
@@ -98,7 +99,7 @@ def markdown(data: ReportData) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {overall.calls:,} | {overall.errors:,} | {usage.prompt_tokens:,} | "
         f"{usage.cache_read_tokens:,} | {usage.completion_tokens:,} | {usage.reasoning_tokens:,} | "
-        f"{usage.embedding_tokens:,} | {usage.total:,} | {_usd(usage.cost_estimate_usd)} | "
+        f"{usage.embedding_tokens:,} | {usage.total:,} | {charts.usd(usage.cost_estimate_usd)} | "
         f"{_per_1k(usage.cost_estimate_usd, usage.total)} |",
         "",
         f"Tokens per call: p50 {overall.stats.p50:,}, p95 {overall.stats.p95:,}, "
@@ -122,7 +123,7 @@ def markdown(data: ReportData) -> str:
             f"{cell(record.user_id or '-')} | {cell(record.session_id or '-')} | "
             f"{record.prompt_tokens:,} | "
             f"{record.completion_tokens:,} | {record.embedding_tokens:,} | "
-            f"{_usd(record.cost_estimate_usd)} | {record.status} |"
+            f"{charts.usd(record.cost_estimate_usd)} | {record.status} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -142,7 +143,7 @@ def _cost_table(summary: UsageSummary, total_cost: Decimal) -> list[str]:
         cost = group.usage.cost_estimate_usd
         lines.append(
             f"| {indent}{cell(group.key or 'unknown')} | {group.calls:,} | {group.usage.total:,} | "
-            f"{_usd(cost)} | {_per_1k(cost, group.usage.total)} | "
+            f"{charts.usd(cost)} | {_per_1k(cost, group.usage.total)} | "
             f"{cost / (total_cost or Decimal(1)):.1%} |"
         )
         rows[:0] = [(inner, indent + "↳ ") for inner in group.groups]
@@ -152,77 +153,26 @@ def _cost_table(summary: UsageSummary, total_cost: Decimal) -> list[str]:
 # -------------------------------------------------------------------- HTML + SVG
 
 
-def _spend_chart(daily: list[DailyUsage], width: int = 760, height: int = 300) -> str:
-    """Stacked bars: spend per day, one colour per model."""
-    days = sorted({row.day for row in daily})
-    models = sorted({row.model for row in daily})
-    if not days:
-        return "<p>No calls in this period.</p>"
-    spend: dict[str, dict[str, Decimal]] = defaultdict(dict)
-    for row in daily:
-        spend[row.day][row.model] = row.usage.cost_estimate_usd
-    peak = max(sum(spend[day].values(), Decimal(0)) for day in days) or Decimal(1)
-    left, bottom, top = 70, 40, 20
-    plot_h = height - bottom - top
-    step = (width - left - 10) / len(days)
-    bar = min(max(step * 0.7, 2), 60)
-    parts = [
-        f'<svg class="chart" id="spend-chart" xmlns="http://www.w3.org/2000/svg" '
-        f'width="{width}" height="{height}" role="img" aria-label="Spend per day by model">',
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" '
-        'stroke="#888"/>',
-        f'<text x="{left - 6}" y="{top + 4}" text-anchor="end" font-size="11">{_usd(peak)}</text>',
-        f'<text x="{left - 6}" y="{top + plot_h}" text-anchor="end" font-size="11">$0</text>',
-    ]
-    for index, day in enumerate(days):
-        x = left + index * step + (step - bar) / 2
-        y = float(top + plot_h)
-        for model_index, model in enumerate(models):
-            cost = spend[day].get(model, Decimal(0))
-            if not cost:
-                continue
-            h = float(cost / peak) * plot_h
-            y -= h
-            parts.append(
-                f'<rect class="bar" data-model="{html.escape(model)}" data-day="{day}" '
-                f'x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" '
-                f'fill="{PALETTE[model_index % len(PALETTE)]}">'
-                f"<title>{day} {html.escape(model)}: {_usd(cost)}</title></rect>"
-            )
-        if len(days) <= 15 or index % max(len(days) // 10, 1) == 0:
-            parts.append(
-                f'<text x="{x + bar / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" '
-                f'font-size="10">{day[5:]}</text>'
-            )
-    parts.append("</svg>")
-    legend = "".join(
-        f'<span class="key"><i style="background:{PALETTE[i % len(PALETTE)]}"></i>'
-        f"{html.escape(model)}</span>"
-        for i, model in enumerate(models)
-    )
-    return "".join(parts) + f'<div class="legend">{legend}</div>'
-
-
-def _tokens_chart(summary: UsageSummary, width: int = 760, row: int = 28) -> str:
+def _tokens_chart(summary: UsageSummary, row: int = 28) -> str:
     """Horizontal bars: tokens by type."""
     values = token_parts(summary)
     peak = max(values) or 1
-    height = row * len(values) + 10
-    parts = [
-        f'<svg class="chart" id="tokens-chart" xmlns="http://www.w3.org/2000/svg" '
-        f'width="{width}" height="{height}" role="img" aria-label="Tokens by type">'
+    left, plot, bottom = 160, charts.WIDTH - 360, 40
+    height = row * len(values) + bottom
+    body = [
+        f'<line x1="{left}" y1="0" x2="{left}" y2="{row * len(values)}" stroke="#888"/>',
+        charts.text(left + plot / 2, height - 6, "tokens", anchor="middle", size=13),
     ]
     for index, ((label, colour), value) in enumerate(zip(TOKEN_KINDS, values, strict=True)):
-        y = 5 + index * row
-        w = value / peak * (width - 300)
-        parts.append(
-            f'<text x="150" y="{y + 17}" text-anchor="end" font-size="12">{label}</text>'
-            f'<rect class="bar" data-kind="{label}" x="160" y="{y + 4}" width="{w:.1f}" '
+        y = index * row
+        w = value / peak * plot
+        body.append(
+            charts.text(left - 8, y + 18, label, anchor="end")
+            + f'<rect class="bar" data-kind="{label}" x="{left}" y="{y + 5}" width="{w:.1f}" '
             f'height="{row - 10}" fill="{colour}"><title>{label}: {value:,}</title></rect>'
-            f'<text x="{165 + w:.1f}" y="{y + 17}" font-size="12">{value:,}</text>'
+            + charts.text(left + 6 + w, y + 18, f"{value:,}")
         )
-    parts.append("</svg>")
-    return "".join(parts)
+    return charts.svg("tokens-chart", height, "Tokens by type", body)
 
 
 def _markdown_table_to_html(markdown_text: str) -> str:
@@ -262,7 +212,9 @@ def _markdown_table_to_html(markdown_text: str) -> str:
 
 
 STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 24px auto; max-width: 900px; color: #222; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 16px 24px; color: #222; }
+.chart { display: block; max-height: 90vh; }
+.note { color: #777; font-size: 12px; }
 table { border-collapse: collapse; margin: 8px 0 16px; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
@@ -273,14 +225,18 @@ th:first-child, td:first-child { text-align: left; }
 
 def html_report(data: ReportData) -> str:
     body = _markdown_table_to_html(markdown(data))
-    charts = (
+    drawn = (
         "<h2>Spend per day, by model</h2>"
-        + _spend_chart(data.daily)
+        + charts.spend_chart(data.series)
+        + "<h2>Cost by user</h2>"
+        + charts.breakdown_chart(data.by_user, "user")
+        + "<h2>Cost by node</h2>"
+        + charts.breakdown_chart(data.by_node, "node")
         + "<h2>Tokens by type</h2>"
         + _tokens_chart(data.overall)
     )
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>LLM usage report</title><style>{STYLE}</style></head><body>"
-        f"{body}{charts}</body></html>\n"
+        f"{body}{drawn}</body></html>\n"
     )

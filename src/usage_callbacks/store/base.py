@@ -182,6 +182,13 @@ class UsageStore(Protocol):
 
     def daily_by_model(self, where: UsageFilter, *, hourly: bool = False) -> list[DailyUsage]: ...
 
+    def breakdown(
+        self, where: UsageFilter, levels: Sequence[str], limit: int | None = None
+    ) -> Breakdown:
+        """Calls, tokens and cost per group of one or two levels (``day``, ``hour`` too):
+        the ``limit`` costliest groups, or every group in key order."""
+        ...
+
     def iter_records(self, where: UsageFilter, chunk_size: int = 1000) -> Iterator[UsageRecord]:
         """Stream records oldest first in constant memory."""
         ...
