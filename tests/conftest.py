@@ -73,6 +73,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def file_or_server_url(request: pytest.FixtureRequest) -> str:
+    """A SQLite file, then a PostgreSQL database: the stores a schema upgrade meets."""
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
 @pytest.fixture
 def tracker(store_url: str) -> Iterator[UsageTracker]:
     with UsageTracker(store_url) as tracker:
