@@ -144,7 +144,8 @@ def breakdown_chart(breakdown: Breakdown, name: str, *, row: int = 26) -> str:
             )
             + "</g>"
         )
-    shown_count = f"{len(groups)} of {breakdown.group_count:,}"
-    return svg(
-        f"{breakdown.levels[0].replace(':', '-')}-chart", height, f"Cost by {name}", body
-    ) + (f'<p class="note">The {shown_count} {escape(name)} values that cost the most.</p>')
+    chart_id = f"{breakdown.levels[0].replace(':', '-')}-chart"
+    return svg(chart_id, height, f"Cost by {name}", body) + (
+        f'<p class="note">{len(groups)} of {breakdown.group_count:,} {escape(name)} values, '
+        "the costliest first.</p>"
+    )
