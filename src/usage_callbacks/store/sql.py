@@ -1051,10 +1051,14 @@ def _add_missing_columns(connection: sa.Connection) -> list[str]:
 
 
 def _create_missing_indexes(connection: sa.Connection) -> None:
-    """Indexes added since the tables were made (create_all makes them only with a table)."""
+    """Indexes added since the tables were made (create_all makes them only with a table).
+
+    ``IF NOT EXISTS``, not ``checkfirst``: that reflects the indexes there are, and warned
+    (SAWarning) about each declared dimension's expression index on every upgrade.
+    """
     for table in SQLModel.metadata.sorted_tables:
         for index in table.indexes:
-            index.create(connection, checkfirst=True)
+            connection.execute(sa.schema.CreateIndex(index, if_not_exists=True))
 
 
 def _widen_text_columns(connection: sa.Connection) -> None:
