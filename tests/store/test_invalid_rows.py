@@ -83,3 +83,21 @@ def test_a_v3_database_gains_the_index_of_invalid_rows_in_place(
         )
     engine.dispose()
     assert INVALID_ROWS_INDEX in plan and "Seq Scan" not in plan, plan
+
+
+def test_an_index_of_invalid_rows_made_by_another_version_only_slows_reads(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A predicate that is not this version's cannot answer the check (SQLite: "no query
+    solution"): reads check every row instead of failing."""
+    with UsageTracker(sqlite_url) as tracker:
+        _rolled_back(tracker)
+        with tracker.store.engine.begin() as connection:
+            connection.exec_driver_sql(f"DROP INDEX {INVALID_ROWS_INDEX}")
+            connection.exec_driver_sql(
+                f"CREATE INDEX {INVALID_ROWS_INDEX} ON usage_records (ended_at) "
+                "WHERE prompt_tokens < 0"
+            )
+        with caplog.at_level("WARNING", logger="usage_callbacks"):
+            _reads_leave_it_out(tracker)
+    assert caplog.text.count("is not the one this version makes") == 1
