@@ -71,7 +71,7 @@ FILTERS = {
 }
 
 
-def usage_filter(query: dict[str, list[str]], now: datetime | None = None) -> UsageFilter:
+def usage_filter(query: dict[str, list[str]]) -> UsageFilter:
     """The page's filters: user, model, session, node, agent, thread, ``dimension:KEY``
     and a since/until date range. Without ``since`` the last DEFAULT_DAYS days are read
     (a refresh stays bounded however old the database); an empty ``since`` reads all."""
@@ -92,7 +92,7 @@ def usage_filter(query: dict[str, list[str]], now: datetime | None = None) -> Us
         for name in query
         if name.startswith(DIMENSION_PREFIX) and (value := text(name)) is not None
     }
-    since = moment("since") if "since" in query else default_since(now or _now())
+    since = moment("since") if "since" in query else default_since(_now())
     return UsageFilter(
         **{field: text(name) for name, field in FILTERS.items()},
         dimensions=dimensions or None,
