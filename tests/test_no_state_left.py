@@ -25,6 +25,7 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 
 from tests.integrations.lc_models import CountingChatModel
 from usage_callbacks import Budget, BudgetExceededError, UsageTracker, active_sessions
+from usage_callbacks.collected import wait_for_collected
 from usage_callbacks.integrations import langchain as lc
 from usage_callbacks.integrations import llamaindex as li
 from usage_callbacks.integrations.llamaindex_spans import span_tree
@@ -34,6 +35,7 @@ from usage_callbacks.runs import CALLS
 def _left_over(tracker: UsageTracker, *handlers: object) -> dict[str, int]:
     """Everything kept per call, per open session or per budget hold, by place."""
     gc.collect()  # streams dropped unread end when collected
+    assert wait_for_collected(10)  # on a thread of their own
     places = {
         "tracker.runs": len(tracker.runs),
         "calls in flight (any tracker)": len(CALLS),

@@ -329,3 +329,40 @@ def test_a_child_forked_while_a_call_is_being_registered_tracks_its_own_calls() 
         list(parent_stream)
         tracker.close()
     assert status == 0, "the child blocked on the table of calls, or inherited its entries"
+
+
+_UNREAD_STREAM_WHILE_LOCKED = """
+import gc, sys
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.llms import ChatMessage, MockLLM
+from usage_callbacks import Budget, UsageTracker
+from usage_callbacks.llamaindex import UsageCallbackHandler
+
+tracker = UsageTracker("memory://", budgets=[Budget(limit_tokens=10**6)])
+llm = MockLLM(max_tokens=8, callback_manager=CallbackManager([UsageCallbackHandler(tracker)]))
+stream = llm.stream_chat([ChatMessage(role="user", content="hi")])
+with tracker._allowances._lock:  # this thread is mid-update when the stream is collected
+    del stream
+    gc.collect()
+tracker.flush()
+assert tracker.budget_status()[0].reserved_tokens == 0, "the unread stream's hold stayed"
+tracker.close()
+print("done")
+"""
+
+
+def test_a_stream_collected_while_its_thread_holds_a_lock_of_ours_does_not_deadlock() -> None:
+    """A garbage collection runs finalizers on whatever thread allocates, which may be in
+    the middle of an update under one of our locks; an unread stream's finalizer released
+    its hold inline, on that lock, and waited for its own thread for good."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _UNREAD_STREAM_WHILE_LOCKED],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the finalizer waited for a lock its own thread held")
+    assert result.returncode == 0 and "done" in result.stdout, result.stderr

@@ -37,6 +37,7 @@ from usage_callbacks.budgets import (
     describe_failure,
     ledger_key,
 )
+from usage_callbacks.collected import collected_pending, wait_for_collected, when_collected
 from usage_callbacks.pricing import ModelPrice, PricedUsage, Pricer, PriceTable
 from usage_callbacks.runs import CALLS, Reservation, RunState, TrackerRuns
 from usage_callbacks.sessions import UsageSession, active_sessions, sessions_of
@@ -69,6 +70,8 @@ DEFAULT_BUDGET_WAIT = 10.0
 #: kind: above the output rate of nearly every catalogued model (gpt-4.5 $150, o1 $60,
 #: Claude Opus $75), so an unpriced model cannot overrun a $ limit by being unpriced.
 DEFAULT_UNPRICED_USD_PER_MTOK = Decimal(150)
+#: How long a refusal waits for the holds of garbage-collected calls to be given back.
+_COLLECTED_WAIT_S = 1.0
 #: Call scopes whose charges are remembered (users x sessions x models seen lately).
 _MAX_REMEMBERED_SCOPES = 4096
 
@@ -308,16 +311,25 @@ class UsageTracker:
             id=new_record_id(), charges=charges, usd=usd, tokens=estimate.total, estimate=estimate
         )
         try:
-            renewal = self._allowances.reserve(
-                reservation.id, charges, usd_to_pico(usd), reservation.tokens, now
-            )
+            try:
+                renewal = self._allowances.reserve(
+                    reservation.id, charges, usd_to_pico(usd), reservation.tokens, now
+                )
+            except BudgetExceededError:
+                # holds of calls just garbage-collected are given back on a thread of their
+                # own: a refusal waits for them (briefly) before it stands
+                if not collected_pending() or not wait_for_collected(_COLLECTED_WAIT_S):
+                    raise
+                renewal = self._allowances.reserve(
+                    reservation.id, charges, usd_to_pico(usd), reservation.tokens, now
+                )
         except BudgetExceededError:
             raise
         except Exception as error:
             return self._ledger_unavailable(error, charges, reservation)
         # a reservation dropped without being settled or released (its call's state was
         # collected: an abandoned call) gives its hold back
-        finalizer = weakref.finalize(
+        finalizer = when_collected(
             reservation, self._allowances.abandon, reservation.id, reservation.charges
         )
         finalizer.atexit = False
@@ -636,7 +648,7 @@ class UsageTracker:
                 owners.add(session)
                 self._charges_by_scope = {}
             # a session never exited ends when it is garbage-collected, and its share too
-            weakref.finalize(session, self._release_session_budget, budget.label)
+            when_collected(session, self._release_session_budget, budget.label)
         return session
 
     def forget_session(self, session: UsageSession) -> None:
@@ -715,10 +727,14 @@ class UsageTracker:
         """Write everything recorded so far and book its spend against budgets; False if
         the store did not take the records in time."""
         started = time.monotonic()
-        for warning in self._allowances.sync(utcnow(), timeout=timeout):
+
+        def left() -> float | None:
+            return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+
+        collected = wait_for_collected(timeout)  # calls ended by garbage collection
+        for warning in self._allowances.sync(utcnow(), timeout=left()):
             _announce(warning)
-        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        return self._writer.flush(left)
+        return self._writer.flush(left()) and collected
 
     def close(self) -> None:
         if self._closed:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from usage_callbacks.collected import when_collected
 from usage_callbacks.extras import missing_extra
 
 try:
@@ -628,7 +628,7 @@ class UsageCallbackHandler(BaseCallbackHandler):
                 call = self._opened.get(event_id)
                 if call is not None:
                     call.handed_out = True
-            weakref.finalize(result, self._abandon, event_id)
+            when_collected(result, self._abandon, event_id)
 
     def span_failed(self, span: str, error: BaseException | None) -> None:
         return None  # the CallbackManager sends the call's end, with the exception
@@ -853,7 +853,7 @@ class UsageEventHandler(BaseEventHandler):
             with self._lock:
                 for call in self._calls.get(span, ()):
                     call.handed_out = True
-            weakref.finalize(result, self._abandon, span)
+            when_collected(result, self._abandon, span)
 
     def _abandon(self, span: str) -> None:
         with self._lock:
