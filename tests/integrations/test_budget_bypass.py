@@ -148,6 +148,23 @@ def test_unpriced_models_are_refused_with_advice_when_asked() -> None:
         assert model.calls == 1
 
 
+def test_a_refusal_leaves_no_state_in_a_tracker_without_a_budget() -> None:
+    """A call refused by one tracker's handler is never made: a tracker without a budget
+    that saw its start (an earlier handler) used to keep its state until the TTL."""
+    plain = UsageTracker("memory://")
+    tight = UsageTracker("memory://", budgets=[Budget(limit_tokens=10)])
+    with plain, tight:
+        model = CountingChatModel(
+            max_tokens=400,
+            callbacks=[UsageCallbackHandler(plain), UsageCallbackHandler(tight)],
+        )
+        with pytest.raises(BudgetExceededError):
+            model.invoke(QUESTION)
+        assert model.calls == 0
+        assert len(plain.runs) == len(tight.runs) == len(CALLS) == 0
+        assert plain.records() == []
+
+
 def test_a_refusal_by_a_second_trackers_handler_releases_the_first_trackers_hold() -> None:
     roomy = UsageTracker("memory://", budgets=[Budget(limit_tokens=2_000)])
     tight = UsageTracker("memory://", budgets=[Budget(limit_tokens=10)])
