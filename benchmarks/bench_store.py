@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from usage_callbacks import Budget, BudgetExceededError, ModelPrice, TokenUsage, UsageTracker
 
@@ -30,29 +30,41 @@ def _usage(index: int) -> TokenUsage:
     return TokenUsage(prompt_tokens=100 + index % 900, completion_tokens=index % 300)
 
 
-def _raw_insert(path: Path, ddl: list[str], rows: list[tuple[object, ...]]) -> float:
+class Rate(NamedTuple):
+    """Items per second of wall time, and per second of this process's CPU time (all
+    threads): the second holds up when other work shares the machine."""
+
+    wall: float
+    cpu: float
+
+
+def _rate(count: int, wall: float, cpu: float) -> Rate:
+    return Rate(count / (time.perf_counter() - wall), count / (time.process_time() - cpu))
+
+
+def _raw_insert(path: Path, ddl: list[str], rows: list[tuple[object, ...]]) -> Rate:
     """Rows per second for one sqlite3 executemany of ``rows`` in one transaction."""
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     for statement in ddl:
         connection.execute(statement)
     marks = ", ".join("?" * len(rows[0]))
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     connection.execute("BEGIN")
     connection.executemany(f"INSERT INTO usage_records VALUES ({marks})", rows)
     connection.execute("COMMIT")
-    elapsed = time.perf_counter() - started
+    rate = _rate(len(rows), wall, cpu)
     connection.close()
-    return len(rows) / elapsed
+    return rate
 
 
-def _records_per_second(tracker: UsageTracker, extra: Sequence[dict[str, Any]] = ({},)) -> float:
+def _records_per_second(tracker: UsageTracker, extra: Sequence[dict[str, Any]] = ({},)) -> Rate:
     """RECORDS calls of tracker.record, flushed; ``extra[i % len(extra)]`` adds arguments."""
     # the caller's inputs are made before the clock starts, as the raw side's rows are
     usages = [_usage(index) for index in range(1000)]
     users = [f"u{index}" for index in range(97)]
     kinds = len(extra)
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for index in range(RECORDS):
         tracker.record(
             usages[index % 1000],
@@ -62,7 +74,7 @@ def _records_per_second(tracker: UsageTracker, extra: Sequence[dict[str, Any]] =
             **extra[index % kinds],
         )
     tracker.flush(timeout=None)
-    return RECORDS / (time.perf_counter() - started)
+    return _rate(RECORDS, wall, cpu)
 
 
 def bench_ingest(workdir: Path) -> list[Row]:
@@ -89,16 +101,27 @@ def bench_ingest(workdir: Path) -> list[Row]:
     same = _raw_insert(workdir / "raw.db", ddl, rows)
     bare = _raw_insert(workdir / "bare.db", [f"CREATE TABLE usage_records ({columns})"], rows)
     return [
-        ("ingest", "tracker.record -> SQLite, records/s", f"{ours:,.0f}", f"{RECORDS:,} records"),
+        (
+            "ingest",
+            "tracker.record -> SQLite, records/s",
+            f"{ours.wall:,.0f}",
+            f"{RECORDS:,} records",
+        ),
         (
             "ingest",
             "raw sqlite3 executemany, same table, rows/s",
-            f"{same:,.0f}",
+            f"{same.wall:,.0f}",
             "one transaction",
         ),
-        ("ingest", "ratio ours/raw (same table)", f"{ours / same:.2f}", "target >= 0.50"),
-        ("ingest", "raw executemany, bare table, rows/s", f"{bare:,.0f}", "no key, no index"),
-        ("ingest", "ratio ours/raw (bare table)", f"{ours / bare:.2f}", "for reference"),
+        ("ingest", "ratio ours/raw (same table)", f"{ours.wall / same.wall:.2f}", "target >= 0.50"),
+        (
+            "ingest",
+            "ratio ours/raw (same table), per CPU second",
+            f"{ours.cpu / same.cpu:.2f}",
+            f"{ours.cpu:,.0f} vs {same.cpu:,.0f} per CPU second (all threads)",
+        ),
+        ("ingest", "raw executemany, bare table, rows/s", f"{bare.wall:,.0f}", "no key, no index"),
+        ("ingest", "ratio ours/raw (bare table)", f"{ours.wall / bare.wall:.2f}", "for reference"),
     ]
 
 
@@ -163,7 +186,7 @@ def bench_attribution(workdir: Path) -> list[Row]:
         (
             "attribution",
             "tracker.record with attribution -> SQLite, records/s",
-            f"{ingest:,.0f}",
+            f"{ingest.wall:,.0f}",
             "",
         ),
         *(("attribution", f"{name}, s", f"{seconds:.3f}", note) for name, seconds in measured),

@@ -52,9 +52,14 @@ def _stacks(
     return stacks, result["cpu"]
 
 
-#: Leaf frames of a thread that is waiting, not running: py-spy samples them all the same.
+#: Leaf frames of a thread that is waiting, not running: py-spy does not always tell.
 IDLE = frozenset(
-    ("Condition.wait (threading.py)", "Event.wait (threading.py)", "Thread.join (threading.py)")
+    (
+        "Condition.wait (threading.py)",
+        "Event.wait (threading.py)",
+        "Thread.join (threading.py)",
+        "_worker (concurrent/futures/thread.py)",  # an executor's thread waiting for work
+    )
 )
 
 

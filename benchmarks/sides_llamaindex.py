@@ -1,5 +1,7 @@
 """LlamaIndex configurations: a MockLLM chat plus a MockEmbedding batch through a
-CallbackManager with no handler, the framework's ``TokenCountingHandler``, and ours."""
+CallbackManager with no handler, the framework's ``TokenCountingHandler``, and ours: our
+CallbackManager handler, or ``instrument()`` (our handler on the root dispatcher, attached
+for its own rounds only, since it hears every call in the process)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ LABELS = {
     "bare": "(a) no handler",
     "core": "(b) TokenCountingHandler",
     "sqlite": "(c) ours, SQLite",
+    "instrument": "(d) ours, instrument(), SQLite",
 }
 BASELINE = "core"
-NOTES = {"sqlite": "target <= 1.0"}
+NOTES = {"sqlite": "target <= 1.0", "instrument": "target <= 1.0"}
 
 
 def _pipeline(handlers: list[Any]) -> Callable[[], object]:
@@ -51,16 +54,19 @@ def build(name: str, workdir: Path) -> Side:
 
         counter = TokenCountingHandler()
         return Side(_pipeline([counter]), check=lambda: _must(counter.total_llm_token_count > 0))
-    from usage_callbacks.llamaindex import UsageCallbackHandler
+    from usage_callbacks.llamaindex import UsageCallbackHandler, instrument
 
-    tracker = UsageTracker(f"sqlite:///{workdir / 'li.db'}")
-
-    def check() -> None:
-        _must(bool(tracker.records(limit=1)))
-
+    tracker = UsageTracker(f"sqlite:///{workdir / f'li-{name}.db'}")
+    check = lambda: _must(bool(tracker.records(limit=1)))  # noqa: E731
+    if name == "sqlite":
+        call = _pipeline([UsageCallbackHandler(tracker)])
+        return Side(call, finish=tracker.flush, check=check, close=tracker.close)
+    attached: list[Any] = []
     return Side(
-        _pipeline([UsageCallbackHandler(tracker)]),
+        _pipeline([]),
         finish=tracker.flush,
+        enter=lambda: attached.append(instrument(tracker)),
+        leave=lambda: attached.pop().detach(),
         check=check,
         close=tracker.close,
     )

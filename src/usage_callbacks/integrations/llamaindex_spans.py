@@ -21,14 +21,13 @@ import logging
 import threading
 import weakref
 from collections.abc import Container
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from llama_index.core.agent.workflow import BaseWorkflowAgent
 from llama_index.core.agent.workflow.workflow_events import AgentInput, AgentOutput, AgentSetup
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.base import BaseLLM
 from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
-from llama_index.core.instrumentation.span import BaseSpan
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.workflow import Workflow
 from llama_index_instrumentation.dispatcher import active_instrument_tags
@@ -42,9 +41,12 @@ _UUID_SUFFIX = 37
 _AGENT_EVENTS = (AgentInput, AgentSetup, AgentOutput)
 
 
-class _PlacedSpan(BaseSpan):
-    """A span in flight, with what attribution needs of it."""
+class _PlacedSpan(NamedTuple):
+    """A span in flight, with what attribution needs of it. A plain tuple, not a
+    ``BaseSpan`` model: building and validating one of those took ~5 µs of every span."""
 
+    id_: str
+    parent_id: str | None
     name: str
     workflow: bool = False
     model: bool = False
@@ -57,24 +59,41 @@ class SpanEndListener(Protocol):
     def span_failed(self, span: str, error: BaseException | None) -> None: ...
 
 
-#: told of every span's end; weakly held (by id: pydantic handlers are unhashable)
-_listeners: weakref.WeakValueDictionary[int, SpanEndListener] = weakref.WeakValueDictionary()
+#: told of every span's end; weakly held, by id (pydantic handlers are unhashable). A plain
+#: dict of references: iterating a WeakValueDictionary cost ~3 µs of every span's exit.
+_listeners: dict[int, weakref.ref[SpanEndListener]] = {}
 
 
 def listen_to_span_ends(listener: SpanEndListener) -> None:
-    _listeners[id(listener)] = listener
+    key = id(listener)
+
+    def forget(reference: weakref.ref[SpanEndListener]) -> None:
+        if _listeners.get(key) is reference:
+            del _listeners[key]
+
+    _listeners[key] = weakref.ref(listener, forget)
 
 
 def _tell_listeners(method: str, span: str, detail: Any) -> None:
-    for listener in list(_listeners.values()):
+    for reference in list(_listeners.values()):
+        listener = reference()
+        if listener is None:
+            continue
         try:
             getattr(listener, method)(span, detail)
         except Exception:  # the dispatcher does not guard span handlers: never break the call
             logger.warning("usage tracking failed at the end of span %s", span, exc_info=True)
 
 
-class SpanTree(BaseSpanHandler[_PlacedSpan]):
-    """The spans in flight under the root dispatcher; each is forgotten at its exit."""
+class SpanTree(BaseSpanHandler[Any]):  # holds _PlacedSpan, not BaseSpan models
+    """The spans in flight under the root dispatcher; each is forgotten at its exit.
+
+    It sees every span of the process, so its enter, exit and drop are the base class's
+    without its lock (a pydantic private attribute, slow to reach; one dict store or pop
+    needs no lock). With plain span objects and listeners held in a plain dict, our
+    dispatcher handlers cost a LlamaIndex call (MockLLM chat + embedding batch) ~70 µs
+    instead of ~136 µs, tracked or not (benchmarks/RESULTS.md).
+    """
 
     @classmethod
     def class_name(cls) -> str:
@@ -107,6 +126,42 @@ class SpanTree(BaseSpanHandler[_PlacedSpan]):
             logger.warning("could not place span %s", id_, exc_info=True)
             return _PlacedSpan(id_=id_, parent_id=parent_span_id, name=name)
 
+    def span_enter(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if id_ not in self.open_spans:
+            span = self.new_span(id_, bound_args, instance, parent_id, tags)
+            if span is not None:
+                self.open_spans[id_] = span
+
+    def span_exit(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.prepare_to_exit_span(id_, bound_args, instance, result)
+        self.open_spans.pop(id_, None)
+
+    def span_drop(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.prepare_to_drop_span(id_, bound_args, instance, err)
+        self.open_spans.pop(id_, None)
+
     def prepare_to_exit_span(
         self,
         id_: str,
@@ -116,7 +171,7 @@ class SpanTree(BaseSpanHandler[_PlacedSpan]):
         **kwargs: Any,
     ) -> _PlacedSpan | None:
         _tell_listeners("span_exited", id_, result)
-        return self.open_spans.get(id_)  # returned: the base class forgets it
+        return self.open_spans.get(id_)  # as the base class expects; span_exit forgets it
 
     def prepare_to_drop_span(
         self,
@@ -127,11 +182,11 @@ class SpanTree(BaseSpanHandler[_PlacedSpan]):
         **kwargs: Any,
     ) -> _PlacedSpan | None:
         _tell_listeners("span_failed", id_, err)
-        return self.open_spans.get(id_)  # returned: the base class forgets it
+        return self.open_spans.get(id_)  # as the base class expects; span_exit forgets it
 
     def enclosing(self, span_id: str | None, spans: Container[str]) -> str | None:
         """The nearest span above ``span_id`` that is in ``spans``, if any."""
-        open_spans = self.open_spans
+        open_spans: dict[str, _PlacedSpan] = self.open_spans
         span = open_spans.get(span_id) if span_id else None
         while span is not None and span.parent_id is not None:
             if span.parent_id in spans:
@@ -143,7 +198,7 @@ class SpanTree(BaseSpanHandler[_PlacedSpan]):
         """Where the call in span ``span_id`` runs, and the declared instrument tags."""
         dimensions: Dimensions = declared_dimensions(declared, active_instrument_tags.get())
         node = agent = run_name = root = None
-        spans = self.open_spans
+        spans: dict[str, _PlacedSpan] = self.open_spans
         span = spans.get(span_id) if span_id else None
         while span is not None:
             parent = spans.get(span.parent_id) if span.parent_id else None
