@@ -155,19 +155,27 @@ def _groups(breakdown: Breakdown) -> dict[str, Any]:
     }
 
 
-def _totals(groups: list[GroupTotals]) -> dict[str, Any]:
-    """The whole selection's numbers, added up from the chart's groups (every call is in
-    one): no query of its own."""
-    pico = sum(usd_to_pico(group.cost_usd) for group in groups)
-    totals = GroupTotals(
-        keys=(),
+def _added(keys: tuple[str | None, ...], groups: list[GroupTotals]) -> GroupTotals:
+    """One group of all ``groups``' numbers."""
+    return GroupTotals(
+        keys=keys,
         calls=sum(group.calls for group in groups),
         total_tokens=sum(group.total_tokens for group in groups),
-        cost_usd=pico_to_usd(pico),
+        cost_usd=pico_to_usd(sum(usd_to_pico(group.cost_usd) for group in groups)),
         errors=sum(group.errors for group in groups),
         unpriced_calls=sum(group.unpriced_calls for group in groups),
     )
-    return totals.model_dump(mode="json", exclude={"keys"})
+
+
+def _by_model(series: Breakdown) -> Breakdown:
+    """The breakdown by model, added up from the spend chart's (bucket, model) groups
+    (every call is in one): no query of its own, and the chart and table agree."""
+    models: dict[str | None, list[GroupTotals]] = {}
+    for group in series.groups:
+        models.setdefault(group.keys[1], []).append(group)
+    found = [_added((model,), groups) for model, groups in models.items()]
+    found.sort(key=lambda group: (-group.cost_usd, group.keys[0] or ""))
+    return Breakdown(levels=("model",), groups=found[: charts.TOP_GROUPS], group_count=len(found))
 
 
 def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, Any]:
@@ -178,8 +186,9 @@ def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, 
     bucket = "hour" if hourly else "day"
     with ThreadPoolExecutor(QUERY_THREADS) as pool:
         series = pool.submit(store.breakdown, where, (bucket, "model"))
-        breakdowns = [
-            pool.submit(store.breakdown, where, (level,), charts.TOP_GROUPS) for level in shown
+        # the first level, model, is added up from the series; the others are queried
+        queried = [
+            pool.submit(store.breakdown, where, (level,), charts.TOP_GROUPS) for level in shown[1:]
         ]
         costliest = pool.submit(store.costliest, where, TOP_ROWS)
         errors = pool.submit(store.failures, where, TOP_ROWS)
@@ -196,10 +205,13 @@ def snapshot(store: SqlStore, where: UsageFilter, *, hourly: bool) -> dict[str, 
         for status in statuses.result()
     ]
     return {
-        "totals": _totals(series.result().groups),
+        "totals": _added((), series.result().groups).model_dump(mode="json", exclude={"keys"}),
         "since": None if where.since is None else where.since.isoformat(),
         "dimensions": [level.removeprefix(DIMENSION_PREFIX) for level in shown[len(BREAKDOWNS) :]],
-        "breakdowns": [_groups(future.result()) for future in breakdowns],
+        "breakdowns": [
+            _groups(breakdown)
+            for breakdown in [_by_model(series.result()), *(f.result() for f in queried)]
+        ],
         "spend_chart": charts.spend_chart(series.result(), hourly=hourly),
         "series": [
             {
