@@ -6,6 +6,7 @@ Sizes scale with ``BENCH_RECORDS`` (default 1,000,000) so a quick run can use le
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import statistics
@@ -264,6 +265,140 @@ def bench_memory(workdir: Path) -> list[Row]:
     ]
 
 
+BUDGET_USERS = """
+import json, sys, time
+from datetime import timedelta
+from usage_callbacks import Budget, TokenUsage, UsageTracker
+from usage_callbacks.store.ledger import Charge
+from usage_callbacks.store.models import utcnow
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+url, users, ttl = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+budget = Budget(limit_tokens=100_000, per="user", period="day")
+tracker = UsageTracker(url, budgets=[budget], reservation_ttl=timedelta(seconds=ttl))
+usage = TokenUsage(prompt_tokens=120, completion_tokens=40)
+out = {"rss": {}}
+started = time.perf_counter()
+for index in range(users):
+    user = f"u{index}"
+    held = tracker.reserve(
+        model="gpt-4o-mini", prompt_tokens=120, max_output_tokens=40, user_id=user
+    )
+    tracker.record(usage, model="gpt-4o-mini", user_id=user, reservation=held)
+    if (index + 1) % (users // 4) == 0:
+        out["rss"][index + 1] = round(rss_mb(), 1)
+out["calls_s"] = time.perf_counter() - started
+out["leases"] = len(tracker._allowances._leases)
+started = time.perf_counter()
+tracker.flush(timeout=600)
+out["flush_s"] = time.perf_counter() - started
+started = time.perf_counter()
+statuses = tracker.budget_status()
+out["status_all_s"] = time.perf_counter() - started
+assert len(statuses) == users, len(statuses)
+started = time.perf_counter()
+after, pages = None, 0
+while page := tracker.budget_status(limit=1000, after=after):
+    after, pages = page[-1].key, pages + 1
+out["status_paged_s"] = time.perf_counter() - started
+out["pages"] = pages
+started = time.perf_counter()
+tracker.budget_status(limit=1000)
+out["status_page_s"] = time.perf_counter() - started
+started = time.perf_counter()
+tracker.budget_status("u12345")
+out["status_key_s"] = time.perf_counter() - started
+started = time.perf_counter()
+tracker.store.ledger.status([Charge(budget, f"u{i}") for i in range(users)], utcnow())
+out["status_per_key_s"] = time.perf_counter() - started
+deadline = time.monotonic() + 4 * ttl + 60
+while tracker._allowances._leases and time.monotonic() < deadline:
+    time.sleep(1)
+out["leases_after_idle"] = len(tracker._allowances._leases)
+out["rss_after_idle"] = round(rss_mb(), 1)
+tracker.close()
+print(json.dumps(out))
+"""
+BUDGET_USERS_COUNT = int(os.environ.get("BENCH_BUDGET_USERS", "200000"))
+
+
+def bench_budget_users(workdir: Path) -> list[Row]:
+    """Per-user budgets for many users: memory while they come, then flush and status."""
+    users = BUDGET_USERS_COUNT
+    out = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                BUDGET_USERS,
+                f"sqlite:///{workdir / 'users.db'}",
+                str(users),
+                "30",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    rss = {int(count): mb for count, mb in out["rss"].items()}
+    first, last = min(rss), max(rss)
+    per_10k = (rss[last] - rss[first]) / ((last - first) / 10_000)
+    name = f"{users:,} users, per-user budget"
+    return [
+        (
+            "budget users",
+            f"{name}: reserve+record, µs/call",
+            f"{out['calls_s'] / users * 1e6:,.0f}",
+            "each user new: one renewal each",
+        ),
+        (
+            "budget users",
+            f"{name}: RSS growth per 10k users, MB",
+            f"{per_10k:.1f}",
+            f"RSS {rss[first]:.0f} -> {rss[last]:.0f} MB; idle leases go after 30 s",
+        ),
+        (
+            "budget users",
+            f"{name}: leases after the users went idle",
+            str(out["leases_after_idle"]),
+            f"{out['leases']:,} at the end of the calls; RSS then {out['rss_after_idle']:.0f} MB",
+        ),
+        (
+            "budget users",
+            f"{name}: flush(), s",
+            f"{out['flush_s']:.1f}",
+            "books every user's spend",
+        ),
+        (
+            "budget users",
+            f"{name}: budget_status() all keys, s",
+            f"{out['status_all_s']:.1f}",
+            "returns the slices, then grouped reads",
+        ),
+        (
+            "budget users",
+            f"{name}: budget_status(limit=1000) pages through all, s",
+            f"{out['status_paged_s']:.1f}",
+            f"{out['pages']} pages",
+        ),
+        (
+            "budget users",
+            f"{name}: budget_status(limit=1000), first page, s",
+            f"{out['status_page_s']:.3f}",
+            "",
+        ),
+        ("budget users", f"{name}: budget_status(key), s", f"{out['status_key_s']:.3f}", ""),
+        (
+            "budget users",
+            f"{name}: ledger.status() one query per key (before), s",
+            f"{out['status_per_key_s']:.1f}",
+            "for comparison",
+        ),
+    ]
+
+
 def run(pg_url: str | None) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -272,4 +407,5 @@ def run(pg_url: str | None) -> list[Row]:
         rows += bench_attribution(workdir)
         rows += bench_reservations(workdir, pg_url)
         rows += bench_memory(workdir)
+        rows += bench_budget_users(workdir)
     return rows

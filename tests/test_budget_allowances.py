@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import signal
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -281,3 +284,31 @@ def test_a_closed_tracker_with_a_budget_is_garbage_collected(url: str) -> None:
     del tracker
     gc.collect()
     assert gone() is None
+
+
+HOLD_THEN_DIE = """
+import os, signal, sys
+from datetime import timedelta
+from usage_callbacks import Budget, UsageTracker
+tracker = UsageTracker(sys.argv[1], budgets=[Budget(limit_tokens=1000, name="shared")],
+                       reservation_ttl=timedelta(seconds=float(sys.argv[2])))
+tracker.reserve(model="m", prompt_tokens=100, max_output_tokens=0)  # the provider is called...
+os.kill(os.getpid(), signal.SIGKILL)  # ...and the worker dies before recording
+"""
+
+
+def test_a_sigkilled_workers_overspend_is_bounded_by_its_holds(url: str) -> None:
+    """The killed worker's call may have been billed and never recorded: until its holds
+    lapse (reservation_ttl) nobody can spend them, so the limit is exceeded by at most
+    what it held (its calls and its slice); then they are everyone's again."""
+    ttl = 3.0
+    UsageTracker(url).close()
+    worker = subprocess.run([sys.executable, "-c", HOLD_THEN_DIE, url, str(ttl)], check=False)
+    assert worker.returncode == -signal.SIGKILL
+    with _worker(url, reservation_ttl=timedelta(seconds=ttl), budget_lease_fraction=0) as other:
+        held = _ledger_view(other).reserved_tokens
+        assert held == 100 + 112  # its call and 1/8 of the 900 left
+        with pytest.raises(BudgetExceededError):
+            other.reserve(model="m", prompt_tokens=1000 - held + 1, max_output_tokens=0)
+        _eventually(lambda: _ledger_view(other).reserved_tokens, 0)
+        assert other.reserve(model="m", prompt_tokens=1000, max_output_tokens=0) is not None

@@ -487,10 +487,18 @@ class BudgetAllowances:
         deadline = time.monotonic() + wait
         with self._lock:
             busy = [lease.pending for lease in self._leases.values() if lease.pending]
-        for renewing in busy:  # what they book is part of "so far"
-            self._outcome(renewing, deadline, raises=False)
+        try:
+            for renewing in busy:  # what they book is part of "so far"
+                self._outcome(renewing, deadline, raises=False)
+        except BudgetLedgerTimeout as error:
+            logger.warning("booking spend against budgets: %s; will retry", error)
+            return []
         with self._lock:
-            leases = [lease for lease in self._leases.values() if lease.unbooked or not keep_slices]
+            leases = [
+                lease
+                for lease in self._leases.values()
+                if lease.unbooked or (not keep_slices and max(lease.room()) > 0)
+            ]
             job = self._start(leases, now, slices=keep_slices, keep_room=keep_slices)
         if job is None:
             return []
