@@ -52,6 +52,8 @@ logger = logging.getLogger("usage_callbacks")
 
 #: Ledger transactions run at once (the rest queue): each waits at most its caller's bound.
 _LEDGER_THREADS = 4
+#: Leases renewed in one transaction when many are (booking, returning, renewing holds).
+_CHUNK = 512
 
 
 class BudgetLedgerTimeout(TimeoutError):
@@ -318,53 +320,34 @@ class BudgetAllowances:
                 self._announce(warning)
 
     def _book_in_background(self, now: datetime) -> list[BudgetWarning]:
-        with self._lock:
-            job = self._start([lease for lease in self._leases.values() if lease.unbooked], now)
-        try:
-            return self._run(job).warnings if job else []
-        except Exception as error:  # the ledger is away: say why (not the SQL), retry later
-            logger.warning(
-                "booking spend against budgets failed (%s); will retry", describe_failure(error)
-            )
-            return []
+        return self._renew_many(
+            lambda lease: bool(lease.unbooked), now, failure="booking spend against budgets"
+        )[0]
 
     def _renew_live(self, now: datetime) -> list[BudgetWarning]:
         """Renew the holds of leases with calls in flight before they lapse."""
-        with self._lock:
-            due = [
-                lease
-                for lease in self._leases.values()
-                if lease.inflight and (lease.renew_by is None or now >= lease.renew_by)
-            ]
-            job = self._start(due, now, slices=False)
-        try:
-            return self._run(job).warnings if job else []
-        except Exception as error:  # the ledger is away: say why (not the SQL), retry next beat
-            logger.warning("renewing budget holds failed (%s); will retry", describe_failure(error))
-            return []
+        return self._renew_many(
+            lambda lease: (
+                bool(lease.inflight) and (lease.renew_by is None or now >= lease.renew_by)
+            ),
+            now,
+            slices=False,
+            failure="renewing budget holds",
+        )[0]
 
     def _forget_idle(self, now: datetime) -> list[BudgetWarning]:
         """Book and return the holds of leases unused for a TTL, and forget them: memory
         and holds follow the users active lately, not every user ever seen."""
         quiet_since = time.monotonic() - self._ttl.total_seconds()
-        with self._lock:
-            idle = [
-                lease
-                for lease in self._leases.values()
-                if not lease.inflight and lease.used_at <= quiet_since
-            ]
-            job = self._start(idle, now, slices=False, keep_room=False)
-        if job is None:
-            return []
-        try:
-            renewal = self._run(job)
-        except Exception as error:  # the ledger is away: keep them, try again next beat
-            logger.warning(
-                "returning idle budget holds failed (%s); will retry", describe_failure(error)
-            )
-            return []
-        self._drop_unused(job.leases)
-        return renewal.warnings
+        warnings, returned = self._renew_many(
+            lambda lease: not lease.inflight and lease.used_at <= quiet_since,
+            now,
+            slices=False,
+            keep_room=False,
+            failure="returning idle budget holds",
+        )
+        self._drop_unused(returned)
+        return warnings
 
     def close(self, now: datetime) -> None:
         """No more background work (the tracker is closing): book the spend and return
@@ -481,54 +464,81 @@ class BudgetAllowances:
         self, now: datetime, *, keep_slices: bool = True, timeout: float | None = None
     ) -> list[BudgetWarning]:
         """Book everything spent so far; ``keep_slices=False`` also returns unused holds.
-        Waits for the ledger at most ``timeout`` (and the bound); what is not booked by
-        then is booked later."""
-        wait = self._wait if timeout is None else min(timeout, self._wait)
-        deadline = time.monotonic() + wait
+        Waits for the ledger at most ``timeout`` in all (None: the bound per transaction);
+        what is not booked by then is booked later."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             busy = [lease.pending for lease in self._leases.values() if lease.pending]
         try:
             for renewing in busy:  # what they book is part of "so far"
-                self._outcome(renewing, deadline, raises=False)
+                until = time.monotonic() + self._wait if deadline is None else deadline
+                self._outcome(renewing, until, raises=False)
         except BudgetLedgerTimeout as error:
             logger.warning("booking spend against budgets: %s; will retry", error)
             return []
-        with self._lock:
-            leases = [
-                lease
-                for lease in self._leases.values()
-                if lease.unbooked or (not keep_slices and max(lease.room()) > 0)
-            ]
-            job = self._start(leases, now, slices=keep_slices, keep_room=keep_slices)
-        if job is None:
-            return []
-        self._submit(job)
-        try:
-            return self._outcome(job, deadline).warnings
-        except Exception as error:  # retried at the next booking; say why, not the SQL
-            logger.warning(
-                "booking spend against budgets failed (%s); will retry", describe_failure(error)
-            )
-            return []
+        return self._renew_many(
+            lambda lease: bool(lease.unbooked) or (not keep_slices and max(lease.room()) > 0),
+            now,
+            slices=keep_slices,
+            keep_room=keep_slices,
+            deadline=deadline,
+            waited=True,
+            failure="booking spend against budgets",
+        )[0]
 
     def forget(self, budget: Budget, now: datetime) -> None:
         """A session's budget stopped applying: book its spend and return its holds."""
+        _, returned = self._renew_many(
+            lambda lease: lease.charge.budget is budget,
+            now,
+            slices=False,
+            keep_room=False,
+            waited=True,
+            failure=f"returning the holds of budget {budget.label}",
+        )
+        self._drop_unused(returned)
+
+    def _renew_many(
+        self,
+        pick: Callable[[_Lease], bool],
+        now: datetime,
+        *,
+        slices: bool = True,
+        keep_room: bool = True,
+        deadline: float | None = None,
+        waited: bool = False,
+        failure: str,
+    ) -> tuple[list[BudgetWarning], list[_Lease]]:
+        """Renew the leases ``pick`` selects, ``_CHUNK`` to a transaction (one renewal of
+        200,000 users' leases held SQLite's write lock from every process for a minute):
+        in this thread, or ``waited`` for in a ledger thread until ``deadline`` (None: the
+        bound, for each transaction). Returns the
+        warnings and the leases renewed; stops at the first failure, logged with what
+        failed (never the SQL). Holds not renewed expire on their own."""
         with self._lock:
-            leases = [lease for lease in self._leases.values() if lease.charge.budget is budget]
-            job = self._start(leases, now, slices=False, keep_room=False)
-        if job is None:
-            return
-        self._submit(job)
-        try:
-            self._outcome(job, time.monotonic() + self._wait)
-        except Exception as error:  # the holds expire on their own; say why, not the SQL
-            logger.warning(
-                "returning the holds of budget %s failed (%s)",
-                budget.label,
-                describe_failure(error),
-            )
-            return
-        self._drop_unused(job.leases)
+            chosen = [lease for lease in self._leases.values() if pick(lease)]
+        warnings: list[BudgetWarning] = []
+        renewed: list[_Lease] = []
+        for first in range(0, len(chosen), _CHUNK):
+            with self._lock:
+                job = self._start(
+                    chosen[first : first + _CHUNK], now, slices=slices, keep_room=keep_room
+                )
+            if job is None:
+                continue
+            try:
+                if not waited:
+                    renewal = self._run(job)
+                else:
+                    self._submit(job)
+                    until = time.monotonic() + self._wait if deadline is None else deadline
+                    renewal = self._outcome(job, until)
+            except Exception as error:  # the ledger is away or slow: retried later
+                logger.warning("%s failed (%s); will retry", failure, describe_failure(error))
+                break
+            warnings += renewal.warnings
+            renewed += job.leases
+        return warnings, renewed
 
     # ------------------------------------------------------------------ internals
 
