@@ -86,6 +86,8 @@ class _Lease:
     booking_tokens: int = 0
     #: the renewal in flight for this lease (one at a time), for others to wait on
     pending: _Renewing | None = None
+    #: room that renewal hands back: gone from here at once, from the ledger at commit
+    returning: tuple[int, int] = (0, 0)
     renew_by: datetime | None = None
     #: the last reservation or spend: a lease idle for a TTL is returned and forgotten
     used_at: float = field(default_factory=time.monotonic)
@@ -183,6 +185,7 @@ class _Lease:
         if not keep_room:  # handed back: nobody spends it from here on
             self.hold_pico -= spare_pico
             self.hold_tokens -= spare_tokens
+            self.returning = (spare_pico, spare_tokens)
             spare_pico = spare_tokens = 0
         return LeaseChange(
             charge=self.charge,
@@ -202,6 +205,7 @@ class _Lease:
     def committed(self, grant: Grant, now: datetime, ttl: timedelta, warned: bool) -> None:
         """The renewal committed: the ledger holds ``grant`` and has the booked spend."""
         self.hold_pico, self.hold_tokens = grant.hold_pico, grant.hold_tokens
+        self.returning = (0, 0)
         self.booking = {}
         self.booking_pico = self.booking_tokens = 0
         self.spent_pico, self.spent_tokens = grant.spent_pico, grant.spent_tokens
@@ -214,7 +218,11 @@ class _Lease:
             self.warned_until = end if not budget.is_rolling else now + (end - start)
 
     def failed(self) -> None:
-        """The renewal did not commit: what it was booking waits for the next one."""
+        """The renewal did not commit: what it was booking waits for the next one, and
+        the room it was handing back is still held (the ledger still has it)."""
+        self.hold_pico += self.returning[0]
+        self.hold_tokens += self.returning[1]
+        self.returning = (0, 0)
         for bucket, (pico, tokens) in self.booking.items():
             amounts = self.unbooked.setdefault(bucket, [0, 0])
             amounts[0] += pico
