@@ -126,10 +126,11 @@ def test_a_call_costing_more_than_it_reserved_is_booked_at_once(url: str) -> Non
 
 
 def test_spend_is_booked_within_the_interval_while_calls_go_on(url: str) -> None:
-    with _worker(url, limit_tokens=1_000_000, flush_interval=0.05) as first, _worker(url) as other:
+    with _worker(url, limit_tokens=1_000_000, flush_interval=0.5) as first, _worker(url) as other:
+        first.flush()  # the interval starts
         _call(first)
         assert _ledger_view(other).spent_tokens == 0
-        time.sleep(0.1)
+        time.sleep(0.6)
         _call(first)  # due: this settlement has both calls booked
         _eventually(lambda: _ledger_view(other).spent_tokens, 200)
 

@@ -328,6 +328,9 @@ class BudgetAllowances:
                 self._announce(warning)
 
     def _book_in_background(self, now: datetime) -> list[BudgetWarning]:
+        """Book every lease's spend; the next booking is due ``book_interval`` from now
+        (a renewal for one call books only its own leases)."""
+        self._booked_at = time.monotonic()
         return self._renew_many(
             lambda lease: bool(lease.unbooked), now, failure="booking spend against budgets"
         )[0]
@@ -475,6 +478,7 @@ class BudgetAllowances:
         Waits for the ledger at most ``timeout`` in all (None: the bound per transaction);
         what is not booked by then is booked later."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._booked_at = time.monotonic()
         with self._lock:
             busy = [lease.pending for lease in self._leases.values() if lease.pending]
         try:
@@ -654,7 +658,6 @@ class BudgetAllowances:
             return
         warned = {(w.budget.label, w.key) for w in renewal.warnings}
         with self._lock:
-            self._booked_at = time.monotonic()
             for lease, grant in zip(job.leases, renewal.grants, strict=True):
                 key = (lease.charge.label, lease.charge.key)
                 lease.committed(grant, job.now, self._ttl, key in warned)
