@@ -20,22 +20,25 @@ PRICES = {"m": ModelPrice(input_per_mtok=Decimal(10), output_per_mtok=Decimal(30
 WORKER = r"""
 import json, random, sys, threading
 from decimal import Decimal
-from usage_callbacks import Budget, BudgetExceededError, ModelPrice, TokenUsage, UsageTracker
+from usage_callbacks import (
+    Budget, BudgetExceededError, BudgetUnavailableError, ModelPrice, TokenUsage, UsageTracker,
+)
 
 url, limit, threads, attempts, seed = sys.argv[1], Decimal(sys.argv[2]), *map(int, sys.argv[3:])
 prices = {"m": ModelPrice(input_per_mtok=Decimal(10), output_per_mtok=Decimal(30))}
 tracker = UsageTracker(url, budgets=[Budget(limit_usd=limit, name="shared")], prices=prices)
 lock = threading.Lock()
-outcome = {"called": 0, "refused": 0, "tokens": 0}
+outcome = {"called": 0, "refused": 0, "tokens": 0, "unavailable": 0}
 
 def work(index):
     rng = random.Random(seed * 1000 + index)
     for _ in range(attempts):
         try:
             reservation = tracker.reserve(model="m", prompt_tokens=40, max_output_tokens=60)
-        except BudgetExceededError:
+        except BudgetExceededError as refused:
             with lock:
                 outcome["refused"] += 1
+                outcome["unavailable"] += isinstance(refused, BudgetUnavailableError)
             continue
         completion = rng.randint(1, 60)
         with lock:
@@ -104,6 +107,7 @@ def test_four_processes_of_four_threads_never_overspend(
     refused = sum(o["refused"] for o in outcomes)
     assert called + refused == 4 * 4 * 8
     assert called > 0 and refused > 0  # the race was real: some got through, some not
+    assert sum(o["unavailable"] for o in outcomes) == 0  # refused as over budget, not unchecked
     _check_ledger(url, called, sum(o["tokens"] for o in outcomes))
 
 

@@ -64,8 +64,10 @@ from usage_callbacks.usage import (
 logger = logging.getLogger("usage_callbacks")
 
 DEFAULT_OUTPUT_ALLOWANCE = 1024
-#: Seconds a call waits for the budget ledger before budget_failure_mode decides.
-DEFAULT_BUDGET_WAIT = 10.0
+#: Seconds a call waits for the budget ledger before budget_failure_mode decides: as long
+#: as SQLite waits for its write lock, so contention alone does not refuse calls; a server
+#: that stops answering fails sooner (connect 5 s, unacknowledged sends 10 s).
+DEFAULT_BUDGET_WAIT = 30.0
 #: What a $ budget counts for a call whose model has no known price, per 1M tokens of any
 #: kind: above the output rate of nearly every catalogued model (gpt-4.5 $150, o1 $60,
 #: Claude Opus $75), so an unpriced model cannot overrun a $ limit by being unpriced.
