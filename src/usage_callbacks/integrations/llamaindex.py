@@ -723,6 +723,11 @@ class UsageEventHandler(BaseEventHandler):
         return "UsageEventHandler"
 
     def model_post_init(self, context: Any) -> None:
+        # Each event reads these tables several times, and a pydantic private attribute is
+        # read through BaseModel.__getattr__ (~2 µs): the same objects, never reassigned,
+        # also sit in the instance dict, where a read is a plain lookup.
+        for name in ("_calls", "_nested", "_lock"):
+            object.__setattr__(self, name, getattr(self, name))
         _watch_streams()  # calls are placed by the spans they run in, streams watched
         listen_to_span_ends(self)
 
