@@ -14,6 +14,7 @@ from usage_callbacks import Budget, BudgetExceededError, ModelPrice, TokenUsage,
 
 LIMIT_USD = Decimal("0.06")  # room for 27 worst-case calls, ~40 actual ones
 PRICES = {"m": ModelPrice(input_per_mtok=Decimal(10), output_per_mtok=Decimal(30))}
+WORST_CASE_USD = Decimal("0.0022")  # 40 prompt tokens at $10/M + max_tokens=60 at $30/M
 
 # Each call: reserve 40 prompt tokens + max_tokens=60, then bill 40 + a completion that
 # never exceeds max_tokens. The stub provider counts its calls.
@@ -92,9 +93,12 @@ def _check_ledger(url: str, called: int, tokens: int) -> None:
         [status] = tracker.budget_status()
         assert status.spent_usd == summary.usage.cost_estimate_usd
         assert status.reserved_usd == 0  # every hold was settled
-        # the budget was really exhausted: the next worst-case call does not fit
-        with pytest.raises(BudgetExceededError):
-            tracker.reserve(model="m", prompt_tokens=40, max_output_tokens=60)
+        # the refusals came at the limit, not before it: what is left is less than three
+        # worst-case calls. (Not "less than one": a refusal is right when made, while the
+        # calls in flight hold their worst case, and they settle for less afterwards. The
+        # race left $0.0003-0.0021 in 40 runs under load, and about one run in ten on a busy
+        # machine left the one worst-case call that exact check allowed, or more.)
+        assert LIMIT_USD - status.spent_usd < 3 * WORST_CASE_USD
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
