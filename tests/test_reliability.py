@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -248,31 +250,43 @@ def test_a_memory_tracker_forked_while_its_store_is_busy_works_in_the_child() ->
     """The in-memory store's lock, held by another thread at the fork (the writer in
     mid-batch), used to stay held in the child: its first read or write blocked for good."""
     tracker = UsageTracker("memory://")
+
+    def in_child() -> bool:
+        tracker.record(TokenUsage(prompt_tokens=3), user_id="child")
+        return tracker.flush(timeout=5) and len(tracker.records(user_id="child")) == 1
+
+    try:
+        status = _fork_while_held(tracker.store.lock, in_child)
+    finally:
+        tracker.close()
+    assert status == 0, "the child blocked on the lock it inherited held"
+
+
+def _fork_while_held(lock: Any, in_child: Callable[[], bool]) -> int | None:
+    """Fork while another thread holds ``lock``; the child's exit code (0: ``in_child()``
+    was true), or None when it blocked and was killed."""
     holding, release = threading.Event(), threading.Event()
 
-    def busy_store() -> None:
-        with tracker.store.lock:
+    def hold() -> None:
+        with lock:
             holding.set()
             release.wait(30)
 
-    busy = threading.Thread(target=busy_store)
-    busy.start()
+    holder = threading.Thread(target=hold)
+    holder.start()
     try:
         assert holding.wait(10)
         child = os.fork()
         if child == 0:
             ok = False
             try:
-                tracker.record(TokenUsage(prompt_tokens=3), user_id="child")
-                ok = tracker.flush(timeout=5) and len(tracker.records(user_id="child")) == 1
+                ok = in_child()
             finally:
                 os._exit(0 if ok else 1)
-        status = _wait_or_kill(child, timeout=20)
+        return _wait_or_kill(child, timeout=20)
     finally:
         release.set()
-        busy.join()
-        tracker.close()
-    assert status == 0, "the child blocked on the lock it inherited held"
+        holder.join()
 
 
 def _wait_or_kill(pid: int, timeout: float) -> int | None:
@@ -303,29 +317,14 @@ def test_a_child_forked_while_a_call_is_being_registered_tracks_its_own_calls() 
     model = CountingChatModel()
     parent_stream = model.stream([HumanMessage("hi")], config={"callbacks": [handler]})
     next(parent_stream)  # a call in flight in the parent
-    holding, release = threading.Event(), threading.Event()
 
-    def registering() -> None:
-        with CALLS._lock:
-            holding.set()
-            release.wait(30)
+    def in_child() -> bool:
+        model.invoke("hello", config={"callbacks": [handler]})
+        return tracker.flush(timeout=5) and len(tracker.records()) == 1 and not len(CALLS)
 
-    busy = threading.Thread(target=registering)
-    busy.start()
     try:
-        assert holding.wait(10)
-        child = os.fork()
-        if child == 0:
-            ok = False
-            try:
-                model.invoke("hello", config={"callbacks": [handler]})
-                ok = tracker.flush(timeout=5) and len(tracker.records()) == 1 and not len(CALLS)
-            finally:
-                os._exit(0 if ok else 1)
-        status = _wait_or_kill(child, timeout=20)
+        status = _fork_while_held(CALLS._lock, in_child)
     finally:
-        release.set()
-        busy.join()
         list(parent_stream)
         tracker.close()
     assert status == 0, "the child blocked on the table of calls, or inherited its entries"
