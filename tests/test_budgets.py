@@ -608,3 +608,47 @@ def test_budget_status_reads_a_page_or_a_key_at_a_time(
         [bob] = tracker.budget_status("bob")
         assert (bob.budget.label, bob.spent_tokens, bob.remaining_tokens) == ("each", 100, 9_900)
         assert tracker.budget_status("nobody") == []
+
+
+def test_a_refusal_waits_for_the_holds_garbage_collection_is_giving_back() -> None:
+    """An abandoned call's hold is given back on a thread of its own; a call refused while
+    that is under way used to be refused for good although the room was coming back."""
+    from usage_callbacks.collected import wait_for_collected, when_collected
+
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=1_000)]) as tracker:
+        held = tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400)
+        assert held is not None
+        giving_back = threading.Event()
+
+        class Dropped:
+            """Stands for a call's state collected while its release is still running."""
+
+        def release_slowly() -> None:
+            giving_back.wait(10)
+            tracker.release(held)
+
+        dropped = Dropped()
+        when_collected(dropped, release_slowly)
+        del dropped  # collected: the release runs on its own thread, held up for now
+        threading.Timer(0.2, giving_back.set).start()
+        assert tracker.reserve(model="m", prompt_tokens=400, max_output_tokens=400) is not None
+        assert wait_for_collected(10)
+
+
+def test_work_set_off_by_collection_that_fails_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from usage_callbacks.collected import wait_for_collected, when_collected
+
+    class Dropped:
+        pass
+
+    def fail() -> None:
+        raise RuntimeError("the ledger is away")
+
+    dropped = Dropped()
+    when_collected(dropped, fail)
+    with caplog.at_level(logging.WARNING, logger="usage_callbacks"):
+        del dropped
+        assert wait_for_collected(10)
+    assert "ending a garbage-collected call" in caplog.text

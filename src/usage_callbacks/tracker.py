@@ -43,7 +43,7 @@ from usage_callbacks.runs import CALLS, Reservation, RunState, TrackerRuns
 from usage_callbacks.sessions import UsageSession, active_sessions, sessions_of
 from usage_callbacks.store import UsageFilter, UsageSummary, open_store
 from usage_callbacks.store.base import GroupBy
-from usage_callbacks.store.ledger import BudgetStatus, Charge, LeasePolicy
+from usage_callbacks.store.ledger import BudgetStatus, Charge, LeasePolicy, Renewal
 from usage_callbacks.store.models import (
     UsageRecord,
     fit_text_columns,
@@ -313,18 +313,7 @@ class UsageTracker:
             id=new_record_id(), charges=charges, usd=usd, tokens=estimate.total, estimate=estimate
         )
         try:
-            try:
-                renewal = self._allowances.reserve(
-                    reservation.id, charges, usd_to_pico(usd), reservation.tokens, now
-                )
-            except BudgetExceededError:
-                # holds of calls just garbage-collected are given back on a thread of their
-                # own: a refusal waits for them (briefly) before it stands
-                if not collected_pending() or not wait_for_collected(_COLLECTED_WAIT_S):
-                    raise
-                renewal = self._allowances.reserve(
-                    reservation.id, charges, usd_to_pico(usd), reservation.tokens, now
-                )
+            renewal = self._hold(reservation, now)
         except BudgetExceededError:
             raise
         except Exception as error:
@@ -338,6 +327,26 @@ class UsageTracker:
         for warning in renewal.warnings if renewal else ():
             _announce(warning)
         return reservation
+
+    def _hold(self, reservation: Reservation, now: datetime) -> Renewal | None:
+        """Hold ``reservation`` in the allowances. Holds of calls just garbage-collected are
+        given back on a thread of their own: a refusal waits for them (briefly) to stand."""
+
+        def hold() -> Renewal | None:
+            return self._allowances.reserve(
+                reservation.id,
+                reservation.charges,
+                usd_to_pico(reservation.usd),
+                reservation.tokens,
+                now,
+            )
+
+        try:
+            return hold()
+        except BudgetExceededError:
+            if not collected_pending() or not wait_for_collected(_COLLECTED_WAIT_S):
+                raise
+            return hold()
 
     def _budget_usd(
         self,
