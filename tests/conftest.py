@@ -58,6 +58,15 @@ def pg_url(pg_server_url: str) -> str:
     return pg_server_url
 
 
+@pytest.fixture(autouse=True)
+def _spill_folder_per_test(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spill files (and the orphans the next tracker on a database adopts) stay within
+    their test, and its subprocesses: not one test's records in another's database."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'usage.db'}"

@@ -92,9 +92,13 @@ for slot in range(4):
 """
 
 
-def test_sigkill_at_saturation_loses_at_most_two_batches(sqlite_url: str, tmp_path: Path) -> None:
+def test_sigkill_at_saturation_loses_at_most_what_is_in_memory(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     """Callers faster than the database: the queue used to grow to max_buffer (10,000
-    records, all lost to SIGKILL) where the README promised the unflushed batch."""
+    records, all lost to SIGKILL). The overflow goes to the process's spill file, which
+    the next tracker on the database writes (it used to stay on disk until ingested by
+    hand): lost is at most what was in memory."""
     counts = tmp_path / "acknowledged"
     counts.write_bytes(bytes(32))
     process = subprocess.Popen([sys.executable, "-c", SATURATOR, sqlite_url, str(counts)])
@@ -107,10 +111,15 @@ def test_sigkill_at_saturation_loses_at_most_two_batches(sqlite_url: str, tmp_pa
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     acknowledged = sum(struct.unpack("4q", counts.read_bytes()))
-    stored = len(_stored_ids(sqlite_url))
+    stored = len(_stored_ids(sqlite_url))  # a new tracker: it writes what the dead one spilled
     print(f"acknowledged {acknowledged}, stored {stored}, lost {acknowledged - stored}")
     assert acknowledged >= 20_000
-    assert acknowledged - stored <= 2 * 100 + 4  # the batch in flight, the next, a call each
+    # in memory: the batch being written, the one filling, and a batch per thread on its
+    # way to the spill file (measured: 332-397 lost; the callers used to wait for the
+    # writer instead, up to 2 s, and 197 were lost)
+    assert acknowledged - stored <= (2 + 4) * 100 + 4
+    state = Path(os.environ["XDG_STATE_HOME"])
+    assert not list(state.rglob("*.jsonl"))  # the orphan written and deleted
 
 
 def test_postgresql_outage_mid_run_loses_nothing(tmp_path: Path) -> None:

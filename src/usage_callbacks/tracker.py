@@ -97,9 +97,11 @@ class UsageTracker:
     fits the hold this process has never waits, and ``record()`` never waits for it.
     Records are written in batches from a background thread
     (at most ``batch_size`` records or ``flush_interval`` seconds old); ``durable=True``
-    writes each record before ``record()`` returns. While the database is away records
-    wait in memory (at most ``max_buffer``, ~3 KB each), then spill to ``spill_path`` (JSONL), and
-    are re-ingested when it returns.
+    writes each record before ``record()`` returns. ``record()`` never waits for the
+    database: beyond a batch queued, the oldest batch goes to ``spill_path`` (JSONL), read
+    back as the database catches up (or by the next tracker on it, if this process dies).
+    While the database is away records wait in memory (at most ``max_buffer``, ~3 KB
+    each), then spill.
 
     Budgets are checked in memory against a hold this process keeps in the ledger: the
     call's worst case plus ``budget_lease_fraction`` of the headroom left (at most 32
@@ -186,6 +188,7 @@ class UsageTracker:
             max_delay=flush_interval,
             max_buffer=max(max_buffer, batch_size),
             spill=SpillFile(Path(spill_path)) if spill_path else None,
+            store_identity=self.store.identity,
         )
         self._closed = False
         self._atexit = _register_exit_and_fork(self)

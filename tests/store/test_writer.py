@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from usage_callbacks.store import writer as writer_module
 from usage_callbacks.store.models import UsageRecord
 from usage_callbacks.store.spill import SpillFile, read_records
 from usage_callbacks.store.writer import BatchWriter
@@ -29,6 +28,16 @@ class _RecordingStore:
                 self.failures -= 1
                 raise OSError("disk full")
             self.batches.append([record.id for record in records])
+
+
+def _spilled_ids(spill: SpillFile) -> list[str]:
+    """A drain that failed leaves its file aside; appends go on in a new one."""
+    return [
+        record.id
+        for path in (spill.draining, spill.path)
+        if path.exists()
+        for record in read_records(path)
+    ]
 
 
 def test_full_batches_are_written_without_waiting_for_the_age_bound() -> None:
@@ -67,14 +76,17 @@ def test_flush_waits_for_everything_submitted() -> None:
     writer.close()
 
 
-def test_failed_batches_are_retried_in_order_and_nothing_is_lost() -> None:
+def test_failed_batches_are_retried_and_nothing_is_lost(tmp_path: Path) -> None:
     store = _RecordingStore(failures=3)
-    writer = BatchWriter(store, batch_size=5, max_delay=0.01)
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    writer = BatchWriter(store, batch_size=5, max_delay=0.01, spill=spill)
     records = [UsageRecord() for _ in range(12)]
     for record in records:
         writer.submit(record)
     assert writer.flush(timeout=30)
-    assert [i for batch in store.batches for i in batch] == [r.id for r in records]
+    # what outgrew the queue went through the spill file: written once, not in order
+    assert sorted(i for batch in store.batches for i in batch) == sorted(r.id for r in records)
+    assert not spill.exists()
     writer.close()
 
 
@@ -122,7 +134,7 @@ def test_overflow_spills_to_jsonl_and_is_reingested_when_the_store_returns(
     for record in records:
         writer.submit(record)
     assert spill.exists()
-    spilled = [record.id for record in read_records(spill.path)]
+    spilled = _spilled_ids(spill)
     # at most max_buffer queued plus one batch in flight; the rest went to disk
     assert writer.pending <= 30 and len(spilled) == 55 - writer.pending
     with store.lock:
@@ -159,31 +171,39 @@ def test_spill_files_round_trip_every_field(tmp_path: Path) -> None:
     assert copy.model_dump() == record.model_dump()
 
 
-def test_a_stalled_but_healthy_store_gets_its_spilled_records_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_callers_never_wait_for_a_stalled_store_and_every_record_arrives(
+    tmp_path: Path,
 ) -> None:
-    """Backpressure gives up after a while and spills; nothing failed, yet all arrive."""
-    monkeypatch.setattr(writer_module, "_BACKPRESSURE_LIMIT_S", 0.01)
+    """A healthy store slower than its callers: the queue stays within a batch and the
+    rest goes to the spill file, while the callers go on. Callers used to wait for the
+    writer, up to 2 s for each batch beyond the first (here 38 s); nothing failed, yet
+    all records arrive, each once."""
     store = _RecordingStore()
     stalled = threading.Event()
     slow_write = store.write
 
     def write(records: Sequence[UsageRecord]) -> None:
-        stalled.wait(10)
+        stalled.wait(60)
         slow_write(records)
 
     store.write = write  # type: ignore[method-assign]
     spill = SpillFile(tmp_path / "spill.jsonl")
     writer = BatchWriter(store, batch_size=5, max_delay=3600, max_buffer=5, spill=spill)
-    records = [UsageRecord() for _ in range(40)]
-    for record in records:
-        writer.submit(record)
-    assert spill.exists()  # the stall outlasted the backpressure limit
-    stalled.set()
-    writer.close()
+    records = [UsageRecord() for _ in range(100)]
+    caller = threading.Thread(target=lambda: [writer.submit(record) for record in records])
+    caller.start()
+    caller.join(timeout=20)
+    try:
+        assert not caller.is_alive()  # every submit returned while the store was stalled
+        assert writer.pending <= 3 * 5  # in memory: the batch in flight and the next
+        assert len(list(read_records(spill.path))) >= 100 - 3 * 5
+    finally:
+        stalled.set()
+    assert writer.flush(timeout=30)  # flush() reads back the spill file too
     written = [record_id for batch in store.batches for record_id in batch]
     assert sorted(written) == sorted(record.id for record in records)
     assert not spill.exists()
+    writer.close()
 
 
 class _PickyStore(_RecordingStore):
@@ -209,9 +229,39 @@ def test_records_the_store_refuses_are_set_aside_and_the_rest_written(tmp_path: 
         writer.submit(record)
     assert writer.flush(timeout=10)
     written = [i for batch in store.batches for i in batch]
-    assert written == [r.id for r in records if r.id not in store.bad]
+    assert sorted(written) == sorted(r.id for r in records if r.id not in store.bad)
     rejected = tmp_path / "s.rejected.jsonl"
-    assert [r.id for r in read_records(rejected)] == [records[2].id, records[7].id]
+    assert sorted(r.id for r in read_records(rejected)) == sorted([records[2].id, records[7].id])
+    writer.close()
+
+
+def test_a_refused_record_in_the_spill_file_holds_back_none_of_the_others(
+    tmp_path: Path,
+) -> None:
+    """Records that outgrew the queue of a slow store reach the spill file untried; one
+    the store refuses used to fail the whole re-ingestion, leaving the rest on disk."""
+    records = [UsageRecord() for _ in range(40)]
+    store = _PickyStore(set(), ValueError("value too long"))
+    stalled = threading.Event()
+    picky_write = store.write
+
+    def write(batch: Sequence[UsageRecord]) -> None:
+        stalled.wait(60)
+        picky_write(batch)
+
+    store.write = write  # type: ignore[method-assign]
+    spill = SpillFile(tmp_path / "s.jsonl")
+    writer = BatchWriter(store, batch_size=5, max_delay=3600, spill=spill)
+    for record in records:
+        writer.submit(record)
+    bad = next(read_records(spill.path)).id  # a record that went to the spill file
+    store.bad.add(bad)
+    stalled.set()
+    assert writer.flush(timeout=30)
+    written = [i for batch in store.batches for i in batch]
+    assert sorted(written) == sorted(r.id for r in records if r.id != bad)
+    assert [r.id for r in read_records(tmp_path / "s.rejected.jsonl")] == [bad]
+    assert not spill.exists()
     writer.close()
 
 
@@ -266,3 +316,81 @@ def test_a_refused_record_json_cannot_hold_does_not_stop_the_writer(tmp_path: Pa
     assert writer.flush(timeout=10)
     assert sorted(i for batch in store.batches for i in batch) == sorted(r.id for r in later)
     writer.close()
+
+
+ORPHAN_MAKER = r"""
+import os, sys
+from usage_callbacks.store.models import UsageRecord
+from usage_callbacks.store.orphans import spill_folder
+from usage_callbacks.store.spill import SpillFile, default_spill_path
+from usage_callbacks.store.writer import BatchWriter
+identity, count = sys.argv[1], int(sys.argv[2])
+class Away:
+    def write(self, records):
+        raise OSError("database away")
+writer = BatchWriter(Away(), batch_size=5, max_delay=3600, max_buffer=5, store_identity=identity)
+for _ in range(count):
+    writer.submit(UsageRecord())
+print(writer.spill_path, flush=True)
+if count == 40:
+    os._exit(0)  # dies with its records in the spill file
+sys.stdin.read()  # lives until the test is done
+"""
+
+
+def test_the_next_writer_on_a_database_writes_what_dead_processes_spilled(
+    tmp_path: Path,
+) -> None:
+    """A process that died with records in its spill file used to leave them on disk
+    until someone ingested the file by hand; a live process's file is not touched."""
+    import subprocess
+    import sys
+
+    identity = f"sqlite:{tmp_path / 'usage.db'}"
+    dead = subprocess.run(
+        [sys.executable, "-c", ORPHAN_MAKER, identity, "40"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_spill = SpillFile(Path(dead.stdout.strip()))
+    spilled = set(_spilled_ids(dead_spill))
+    assert len(spilled) >= 30
+    alive = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_MAKER, identity, "20"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert alive.stdout is not None
+        alive_spill = SpillFile(Path(alive.stdout.readline().strip()))
+        alive_count = len(_spilled_ids(alive_spill))
+        assert alive_count >= 10
+        store = _RecordingStore()
+        writer = BatchWriter(store, batch_size=5, max_delay=3600, store_identity=identity)
+        assert writer.flush(timeout=30)  # waits for the adoption
+        assert {i for batch in store.batches for i in batch} == spilled
+        assert not dead_spill.exists()
+        assert len(_spilled_ids(alive_spill)) == alive_count  # its owner lives
+        writer.close()
+        folder = alive_spill.path.parent  # the dead process's claim went with its file
+        assert sorted(path.name for path in folder.glob("*.lock")) == [
+            f"{alive_spill.path.name}.lock"
+        ]
+        other = _RecordingStore()  # another database's tracker takes nothing
+        BatchWriter(other, batch_size=5, store_identity="postgresql://elsewhere").close()
+        assert other.batches == []
+    finally:
+        alive.communicate("")
+
+
+def test_two_writers_on_one_database_in_one_process_keep_their_own_spill_files() -> None:
+    """They shared one file: the second waited for the first's claim for good, and one's
+    re-ingestion would take the other's records."""
+    first = BatchWriter(_RecordingStore(), store_identity="sqlite:/db")
+    second = BatchWriter(_RecordingStore(), store_identity="sqlite:/db")
+    assert first.spill_path != second.spill_path
+    assert first.spill_path.parent == second.spill_path.parent
+    first.close()
+    second.close()

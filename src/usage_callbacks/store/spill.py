@@ -1,12 +1,15 @@
-"""A local JSONL file for records the database could not take while it was away.
+"""A local JSONL file for records the database has not taken yet.
 
-When the write buffer overflows during an outage, the oldest records go here instead
-of being dropped; they are re-ingested (idempotently, by record id) once writes succeed
-again, or by hand with ``usage-callbacks ingest FILE``.
+When the write queue outgrows its bound (the database is away, or slower than the
+callers), the oldest records go here instead of waiting in memory; they are re-ingested
+(idempotently, by record id) once writes succeed again, or by hand with
+``usage-callbacks ingest FILE``. Appending never waits for the database: a drain first
+moves the file aside, then writes it to the store while new appends start a new file.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -25,17 +28,32 @@ class _Writable(Protocol):
     def write(self, records: Sequence[UsageRecord]) -> None: ...
 
 
-def default_spill_path() -> Path:
+def spill_base() -> Path:
+    """``$XDG_STATE_HOME/usage-callbacks``, else ``~/.cache/usage-callbacks``."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "usage-callbacks" / f"spill-{os.getpid()}.jsonl"
+    return Path(base) / "usage-callbacks"
+
+
+#: numbers the spill files of one process's trackers: each has its own, or one tracker's
+#: drain would take another's records
+_spill_numbers = itertools.count(1)
+
+
+def default_spill_path(folder: Path | None = None) -> Path:
+    """A new spill file of this process, in ``folder`` (its database's) or the base one."""
+    return (folder or spill_base()) / f"spill-{os.getpid()}-{next(_spill_numbers)}.jsonl"
 
 
 class SpillFile:
-    """Append-only JSONL of UsageRecords; thread-safe."""
+    """Append-only JSONL of UsageRecords; appends are thread-safe, one thread drains."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        #: the file a drain writes to the store; left in place when the store fails
+        self.draining = path.with_name(f"{path.name}.draining")
         self._lock = threading.Lock()
+        self._appended = 0  # lines appended to ``path`` through this object
+        self._taken = 0  # of those, the lines moved into ``draining``
 
     def append(self, records: Iterable[UsageRecord]) -> int:
         """Append one line per record; a record that cannot be serialized is logged and
@@ -49,22 +67,30 @@ class SpillFile:
                     # the last append was torn (disk full mid-write): end that line, or
                     # the first record appended now would be glued to it and lost with it
                     handle.write(b"\n")
+                # no fsync (~2 ms a call): the kernel keeps what a killed process wrote,
+                # and a power cut takes the records queued in memory as well
                 handle.write("".join(lines).encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
+            self._appended += len(lines)
         return len(lines)
 
     def exists(self) -> bool:
-        return self.path.exists() and self.path.stat().st_size > 0
+        return any(path.exists() and path.stat().st_size > 0 for path in (self.draining, self.path))
 
     def drain(self, store: _Writable, batch_size: int = 1000) -> int:
-        """Write every spilled record to ``store`` and delete the file; returns the count."""
+        """Write the spilled records to ``store`` and delete what was written: the file
+        left by a failed drain first, else the spill file, moved aside so that appends go
+        on meanwhile. Returns how many of the lines written this object appended (not
+        lines an earlier process left in a file of the same name)."""
         with self._lock:
-            if not self.path.exists():
-                return 0
-            count = ingest_file(self.path, store, batch_size)
-            self.path.unlink()
-            return count
+            if not self.draining.exists():
+                if not self.path.exists():
+                    return 0
+                self.path.replace(self.draining)
+                self._taken, self._appended = self._appended, 0
+        ingest_file(self.draining, store, batch_size)  # may raise: the file stays for a retry
+        self.draining.unlink()
+        taken, self._taken = self._taken, 0
+        return taken
 
 
 #: Fields every record has carried since the first release: an object without them is

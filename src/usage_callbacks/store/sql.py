@@ -307,6 +307,14 @@ class SqlStore:
         elif stored != SCHEMA_VERSION:
             connection.execute(sa.update(table).values(version=SCHEMA_VERSION))
 
+    @property
+    def identity(self) -> str | None:
+        """The database the records go to, naming its spill folder; None when they do
+        not outlive the process (``memory://``, an in-memory or URI SQLite database)."""
+        if self.dialect == "sqlite":
+            return None if self._file is None else f"sqlite:{self._file}"
+        return self._safe_url()
+
     def _safe_url(self) -> str:
         if self.url.startswith("memory://"):
             return self.url
