@@ -145,3 +145,30 @@ def test_tool_calls_and_their_arguments_are_part_of_the_prompt() -> None:
     assert abs(as_openai - with_call) <= 3
     result = count_message_tokens([ToolMessage(query, tool_call_id="1")], "gpt-4o")
     assert result >= query_tokens
+
+
+def test_a_history_sent_again_is_counted_from_memory_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chat resends its history every turn: each text is encoded once, the counts are
+    tiktoken's, and the memory of them stays within its bound (it holds no text)."""
+    from usage_callbacks import tokens
+
+    monkeypatch.setattr(tokens, "_prompt_counts", {})
+    monkeypatch.setattr(tokens, "_PROMPT_COUNTS_BOUND", 8)
+    encoding = get_encoding("o200k_base")
+    history = [HumanMessage(f"turn {i}: " + "word " * (50 + i)) for i in range(6)]
+    first = count_message_tokens(history, "gpt-4o")
+    encoded: list[str] = []
+    real_encode = encoding.encode
+    monkeypatch.setattr(
+        encoding, "encode", lambda text, **kw: encoded.append(text) or real_encode(text, **kw)
+    )
+    turn = [*history, HumanMessage("and one more question")]
+    expected = sum(3 + 1 + len(real_encode(str(m.content))) for m in turn) + 3
+    assert count_message_tokens(turn, "gpt-4o") == expected == first + 3 + 1 + 4
+    assert encoded == ["and one more question"]  # the history came from memory
+    for i in range(20):
+        count_message_tokens([HumanMessage(f"question {i}")], "gpt-4o")
+    assert len(tokens._prompt_counts) <= 8
+    assert all(isinstance(key, tuple) and "question" not in key for key in tokens._prompt_counts)
