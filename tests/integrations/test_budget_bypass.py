@@ -325,6 +325,28 @@ def test_llamaindex_instrument_alone_refuses_over_budget_calls() -> None:
         assert handle.enforcer not in llm.callback_manager.handlers  # detach took it off
 
 
+def test_llamaindex_detach_takes_the_enforcer_off_settings_shared_handler_list() -> None:
+    """A ``CallbackManager()`` made with no handlers once Settings has one shares Settings'
+    handler list: the enforcer put on it stayed there after ``detach()`` when that manager
+    was gone first, and once its tracker closed it refused every later call
+    (BudgetUnavailableError: fail-closed on a closed ledger)."""
+    from llama_index.core import Settings
+    from llama_index.core.llms import MockLLM
+
+    from usage_callbacks.llamaindex import instrument
+
+    Settings.callback_manager  # noqa: B018 (made now, as by any earlier use of Settings)
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=10**6)]) as tracker:
+        handle = instrument(tracker)
+        try:
+            MockLLM(max_tokens=8).complete("hi")  # its manager shares Settings' list, and goes
+            gc.collect()
+        finally:
+            handle.detach()
+    assert handle.enforcer not in Settings.callback_manager.handlers
+    assert MockLLM(max_tokens=8).complete("after").text  # not refused by a closed tracker
+
+
 def test_llamaindex_session_budget_reaches_an_llm_with_its_own_manager() -> None:
     with UsageTracker("memory://") as tracker:
         llm = _own_manager_llm()

@@ -17,6 +17,7 @@ import threading
 import weakref
 from typing import Any
 
+from llama_index.core import Settings
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.base import BaseLLM
 from llama_index.core.callbacks import CallbackManager
@@ -72,7 +73,7 @@ class BudgetReach(BaseSpanHandler[BaseSpan]):
                     manager.add_handler(handler)
                 if missing:
                     with self._guard:
-                        self._reached.add(manager)
+                        self._reached.add(_owner(manager))
         return None  # nothing to keep: the span is not tracked
 
     def prepare_to_exit_span(
@@ -94,6 +95,14 @@ class BudgetReach(BaseSpanHandler[BaseSpan]):
         **kwargs: Any,
     ) -> BaseSpan | None:
         return None
+
+
+def _owner(manager: CallbackManager) -> CallbackManager:
+    """The manager whose handler list ``manager`` uses: a ``CallbackManager()`` made with
+    no handlers once Settings has one shares Settings' list, and is often dropped long
+    before ``remove`` (the handler then stayed in Settings' list for good)."""
+    settings = Settings._callback_manager
+    return settings if settings is not None and manager.handlers is settings.handlers else manager
 
 
 def _closed(handler: BaseCallbackHandler) -> bool:
