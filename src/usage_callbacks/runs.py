@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -79,26 +80,44 @@ class RunOwner(Protocol):
         ...
 
 
+class Call:
+    """One call in flight: the state of each tracker following it, the names it is found
+    by (its run or event id; another event system's id for it) and the spans it runs in.
+    ``detail`` is what its adapter knows of it, shared by its trackers."""
+
+    __slots__ = ("detail", "ended", "names", "spans", "states")
+
+    def __init__(self, detail: Any = None) -> None:
+        self.states: dict[RunOwner, RunState] = {}
+        self.names: list[str] = []
+        self.spans: list[str] = []
+        self.detail = detail
+        self.ended = False
+
+
 class CallsInFlight:
     """Every call in flight in this process, by its run or event id: one entry per call,
     holding the state of each tracker that follows it (an explicit handler's tracker, the
     trackers of the sessions open where it started).
 
     The entry is the call's one lifetime: made by the first start event, gone with the end,
-    the error, a refusal (which releases every tracker's hold at once) or abandonment.
-    Two handlers of one tracker on one call share that tracker's state: the first end
-    records it, the second finds nothing to do. A call whose end never comes (a stream
-    created and never read, a framework that skipped its error event) is handed to its
-    tracker once older than the tracker's ``reservation_ttl``: swept when the map has
-    doubled since the last sweep (amortized O(1); without it every such call stayed for
-    good, 7 MB per 10,000, 34 MB with a budget).
+    the error, a refusal (which releases every tracker's hold at once) or abandonment;
+    its names and spans go with it. Two handlers of one tracker on one call share that
+    tracker's state: the first end records it, the second finds nothing to do. A call whose
+    end never comes (a stream created and never read, a framework that skipped its error
+    event) is handed to its tracker once older than the tracker's ``reservation_ttl``:
+    swept when the map has doubled since the last sweep (amortized O(1); without it every
+    such call stayed for good, 7 MB per 10,000, 34 MB with a budget).
     """
 
     def __init__(self) -> None:
         self._start_empty()
 
     def _start_empty(self) -> None:
-        self._calls: dict[str, dict[RunOwner, RunState]] = {}
+        self._calls: dict[str, Call] = {}
+        #: calls by the spans they run in, oldest first (an event system that names a call
+        #: by its span only: LlamaIndex's instrumentation, which may send several in one)
+        self._spans: dict[str, list[Call]] = {}
         self._lock = threading.Lock()
         self._sweep_at = _FIRST_SWEEP
 
@@ -107,18 +126,54 @@ class CallsInFlight:
         the lock may have been held by one of its threads, which the child does not have."""
         self._start_empty()
 
+    def open(self, name: str, span: str | None = None, detail: Any = None) -> Call:
+        """A new call named ``name``, running in ``span``; trackers join it with ``start``."""
+        call = Call(detail)
+        with self._lock:
+            self._name(call, name, span)
+        return call
+
+    def name(self, call: Call, name: str | None, span: str | None = None) -> bool:
+        """Find ``call`` by ``name`` and ``span`` too, until it ends; False once ended."""
+        with self._lock:
+            if not call.ended:
+                self._name(call, name, span)
+            return not call.ended
+
+    def _name(self, call: Call, name: str | None, span: str | None) -> None:
+        if name is not None:
+            self._calls[name] = call
+            call.names.append(name)
+        if span is not None:
+            self._spans.setdefault(span, []).append(call)
+            call.spans.append(span)
+
+    def named(self, name: str) -> Call | None:
+        return self._calls.get(name)  # one dict read: atomic, no lock needed
+
+    def in_span(self, span: str | None) -> tuple[Call, ...]:
+        """The calls running in ``span``, oldest first. Asked at every span's end, so
+        without the lock: one dict read and a list copy are atomic."""
+        calls = self._spans.get(span) if span is not None else None
+        return tuple(calls) if calls else ()
+
+    def spans(self) -> Container[str]:
+        """The spans calls run in (a live view)."""
+        return self._spans.keys()
+
     def start(self, owner: RunOwner, state: RunState) -> tuple[RunState, bool]:
         """Register ``owner``'s state of a call; returns the registered state and whether
         it is new (False: another handler of ``owner`` saw this start first)."""
         with self._lock:
-            states = self._calls.get(state.run_id)
-            if states is None:
-                states = self._calls[state.run_id] = {}
+            call = self._calls.get(state.run_id)
+            if call is None:
+                call = Call()
+                self._name(call, state.run_id, None)
             else:
-                existing = states.get(owner)
+                existing = call.states.get(owner)
                 if existing is not None:
                     return existing, False
-            states[owner] = state
+            call.states[owner] = state
             abandoned = self._sweep() if len(self._calls) >= self._sweep_at else None
         if abandoned:
             for stale_owner, stale in abandoned.items():
@@ -127,54 +182,87 @@ class CallsInFlight:
 
     def get(self, key: str, owner: RunOwner) -> RunState | None:
         with self._lock:
-            states = self._calls.get(key)
-            return None if states is None else states.get(owner)
+            call = self._calls.get(key)
+            return None if call is None else call.states.get(owner)
 
     def owners(self, key: str) -> tuple[RunOwner, ...]:
         """The trackers following a call (its end may come in another context than its
         start, so a session's handler finds them here, not in the open sessions)."""
         with self._lock:
-            return tuple(self._calls.get(key, ()))
+            call = self._calls.get(key)
+            return () if call is None else tuple(call.states)
 
     def finish(self, key: str, owner: RunOwner) -> RunState | None:
         """Remove and return ``owner``'s state; None when another handler finished it."""
         with self._lock:
-            states = self._calls.get(key)
-            if states is None:
+            call = self._calls.get(key)
+            if call is None:
                 return None
-            state = states.pop(owner, None)
-            if not states:
-                del self._calls[key]
+            state = call.states.pop(owner, None)
+            if not call.states:
+                self._forget(call)
             return state
+
+    def end(self, call: Call) -> dict[RunOwner, RunState]:
+        """The call ended: forget it and return every tracker's state; empty if it had
+        ended already (each call ends once, whichever event system says so first)."""
+        with self._lock:
+            if call.ended:
+                return {}
+            self._forget(call)
+            return call.states
 
     def refuse(self, key: str) -> None:
         """The call will not be made: forget it, and every tracker releases what it held."""
         with self._lock:
-            states = self._calls.pop(key, {})
-        for owner, state in states.items():
+            call = self._calls.get(key)
+            if call is None:
+                return
+            self._forget(call)
+        for owner, state in call.states.items():
             owner.release(state.reservation)
 
     def owned_by(self, owner: RunOwner) -> int:
         """How many calls ``owner`` follows (a scan: for tests and diagnostics)."""
         with self._lock:
-            return sum(owner in states for states in self._calls.values())
+            return sum(owner in call.states for call in self._distinct())
 
     def __len__(self) -> int:
+        """How many calls are in flight (a scan: for tests and diagnostics)."""
         with self._lock:
-            return len(self._calls)
+            return len(self._distinct())
+
+    def _distinct(self) -> list[Call]:
+        return list({id(call): call for call in self._calls.values()}.values())
+
+    def _forget(self, call: Call) -> None:
+        """Remove ``call`` by all its names and spans (caller holds the lock)."""
+        call.ended = True
+        for name in call.names:
+            if self._calls.get(name) is call:
+                del self._calls[name]
+        for span in call.spans:
+            in_span = self._spans.get(span)
+            if in_span is not None and call in in_span:
+                in_span.remove(call)
+                if not in_span:
+                    del self._spans[span]
 
     def _sweep(self) -> dict[RunOwner, list[RunState]]:
         """Remove the states older than their tracker's TTL (caller holds the lock)."""
         now = time.perf_counter()
         abandoned: dict[RunOwner, list[RunState]] = {}
-        for key in list(self._calls):
-            states = self._calls[key]
-            for owner, state in list(states.items()):
-                if state.started_monotonic < now - owner.reservation_ttl.total_seconds():
-                    del states[owner]
-                    abandoned.setdefault(owner, []).append(state)
-            if not states:
-                del self._calls[key]
+        for call in self._distinct():
+            stale = [
+                (owner, state)
+                for owner, state in call.states.items()
+                if state.started_monotonic < now - owner.reservation_ttl.total_seconds()
+            ]
+            for owner, state in stale:
+                del call.states[owner]
+                abandoned.setdefault(owner, []).append(state)
+            if stale and not call.states:
+                self._forget(call)
         self._sweep_at = max(_FIRST_SWEEP, 2 * len(self._calls))
         return abandoned
 

@@ -21,6 +21,7 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 
 from usage_callbacks import Budget, BudgetExceededError, UsageTracker
 from usage_callbacks.llamaindex import UsageCallbackHandler, UsageEventHandler, instrument
+from usage_callbacks.runs import CALLS
 from usage_callbacks.tokens import count_message_tokens, get_encoding
 
 MESSAGES = [ChatMessage(role="user", content="What does the quarterly report say?")]
@@ -297,9 +298,9 @@ def test_a_call_that_never_ended_does_not_hide_later_ones(memory_tracker: UsageT
     llm = BilledLLM(callback_manager=CallbackManager([handler]))
     payload = {EventPayload.SERIALIZED: llm.to_payload(), EventPayload.PROMPT: "lost"}
     handler.on_event_start(CBEventType.LLM, payload, event_id="orphan")  # its end never comes
-    handler._opened.pop("orphan")  # as if the abandoned stream's state was dropped
     llm.complete("hello")
     assert [r.total_tokens for r in memory_tracker.records()] == [49]
+    CALLS.refuse("orphan")
 
 
 def test_an_explicit_handler_and_a_session_on_one_manager(memory_tracker: UsageTracker) -> None:
@@ -359,3 +360,88 @@ def test_raw_is_read_by_the_llm_class_that_returned_it(
     [record] = memory_tracker.records()
     fields = {name: getattr(record, name) for name in payload.bills}
     assert fields == payload.bills and not record.estimated
+
+
+# ---------------------------------------------------------------- one call, one entry
+
+
+class FailingEmbedding(MockEmbedding):
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        raise RuntimeError("provider down")
+
+
+def test_a_failed_async_embedding_batch_ends_its_calls() -> None:
+    """``aget_text_embedding_batch`` starts every batch, then gathers them: when one fails
+    no CallbackManager end comes at all, only the span's drop. Each call ends there (it
+    stayed in flight, holding its budget, and in the handler for good)."""
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=10**6)]) as tracker:
+        embed = FailingEmbedding(
+            embed_dim=4, embed_batch_size=1, callback_manager=_manager(tracker)
+        )
+        with pytest.raises(RuntimeError):
+            asyncio.run(embed.aget_text_embedding_batch(["one", "two", "three"]))
+        records = tracker.records()
+        assert [(r.status, r.total_tokens) for r in records] == [("error", 0)] * 3
+        assert len(tracker.runs) == 0 and tracker.budget_status()[0].reserved_tokens == 0
+
+
+def test_a_stream_read_after_50000_other_calls_is_counted_once(
+    memory_tracker: UsageTracker,
+) -> None:
+    """Both event systems wired: the instrumentation's end found the CallbackManager's count
+    of the call in a module-level set of the last 50,000 spans; a stream read after more
+    calls than that was counted twice."""
+    from llama_index.core.callbacks import CBEventType, EventPayload
+    from llama_index.core.instrumentation.span import active_span_id
+
+    handle = instrument(memory_tracker)
+    try:
+        llm = MockLLM(max_tokens=8)
+        stream = llm.stream_chat(MESSAGES)
+        with UsageTracker("memory://") as elsewhere:
+            other = UsageCallbackHandler(elsewhere)
+            payload = {EventPayload.SERIALIZED: llm.to_payload(), EventPayload.PROMPT: "x"}
+            for index in range(50_001):  # calls in other spans while the stream is open
+                token = active_span_id.set(f"span-{index}")
+                other.on_event_start(CBEventType.LLM, payload, event_id=f"call-{index}")
+                other.on_event_end(CBEventType.LLM, {}, event_id=f"call-{index}")
+                active_span_id.reset(token)
+        list(stream)
+    finally:
+        handle.detach()
+    assert len(memory_tracker.records()) == 1
+
+
+class HalfStreamLLM(BilledLLM):
+    """Streams one word, then fails."""
+
+    @llm_completion_callback()
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        def gen() -> Iterator[CompletionResponse]:
+            yield CompletionResponse(text="Revenue grew", delta="Revenue grew")
+            raise RuntimeError("connection reset")
+
+        return gen()
+
+
+def test_a_stream_failing_after_10000_other_streams_keeps_what_it_streamed(
+    memory_tracker: UsageTracker,
+) -> None:
+    """What each stream handed out was kept in a module-level map of the last 10,000
+    streams (any stream's, tracked or not): one read more slowly lost its text."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.events.llm import LLMCompletionInProgressEvent
+
+    stream = HalfStreamLLM(callback_manager=_manager(memory_tracker)).stream_complete("hi")
+    next(stream)
+    chunk = CompletionResponse(text="x", delta="x")
+    for index in range(10_001):  # other streams, tracked by no one, hand out a chunk
+        get_dispatcher().event(
+            LLMCompletionInProgressEvent(prompt="x", response=chunk, span_id=f"other-{index}")
+        )
+    with pytest.raises(RuntimeError):
+        next(stream)
+    [record] = memory_tracker.records()
+    assert (record.status, record.completion_tokens, record.estimated) == ("error", 2, True)

@@ -12,15 +12,17 @@ Two event systems, one count:
   Sees every LLM and embedding call wherever it was built, but the dispatcher swallows
   handler exceptions, so it records and never refuses.
 
-Wiring both is safe: calls seen by a CallbackManager handler of the same tracker are
-skipped by the event handler. Calls are paired by span, not by model: an LLM call inside
-another's span is part of it (``CustomLLM``'s chat -> complete, ``as_structured_llm``'s
-wrapped LLM: one record, with the inner provider usage), while interleaved streams and
-calls made during a stream are each their own. A call ends with its end event, its
-exception, its span's drop (a failed non-streaming call sends nothing else), or, for a
-stream handed out and never read, its garbage collection (nothing billed, budget hold
-released; but llama-index-llms-anthropic sent the request already: its input is billed).
-A stream that fails while read keeps what was streamed, estimated. Inside
+Wiring both is safe: a call is one entry in ``runs.CALLS`` whichever system starts it,
+found by its span and its CallbackManager event id; the first end of either records it
+for every tracker following it (see ``_Call``). Calls are paired by span, not by model:
+an LLM call inside another's span is part of it (``CustomLLM``'s chat -> complete,
+``as_structured_llm``'s wrapped LLM: one record, with the inner provider usage), while
+interleaved streams and calls made during a stream are each their own. A call ends with
+its end event, its exception, its span's drop (a failed non-streaming call, or batched
+async embeddings, send nothing else), a refusal, or, for a stream handed out and never
+read, its garbage collection (nothing billed, budget hold released; but
+llama-index-llms-anthropic sent the request already: its input is billed). A stream
+that fails while read keeps what was streamed, estimated. Inside
 ``with tracker.session(...)`` both are wired for you.
 
 Attribution (workflow step, agent, run names, ``instrument_tags`` dimensions) comes from
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,17 +73,16 @@ try:
 except ModuleNotFoundError as error:  # say which extra installs it
     raise missing_extra(error, "llamaindex") from error
 
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field
 
 from usage_callbacks.attribution import Dimensions, check_given_dimensions, merge_dimensions
 from usage_callbacks.budgets import BudgetExceededError
 from usage_callbacks.integrations.llamaindex_reach import budget_reach
 from usage_callbacks.integrations.llamaindex_spans import listen_to_span_ends, span_tree
-from usage_callbacks.integrations.routing import call_trackers, session_trackers
+from usage_callbacks.integrations.routing import session_trackers
 from usage_callbacks.readers import BILLED_ONCE_STARTED, UsageSource, normalize_usage
-from usage_callbacks.runs import CALLS, RunState
+from usage_callbacks.runs import CALLS, Call, RunState
 from usage_callbacks.sessions import (
-    active_sessions,
     register_session_hook,
     sessions_of,
 )
@@ -139,78 +139,6 @@ _P_EXCEPTION = EventPayload.EXCEPTION
 _P_RESPONSE = EventPayload.RESPONSE
 _P_COMPLETION = EventPayload.COMPLETION
 _P_CHUNKS = EventPayload.CHUNKS
-
-
-# -------------------------------------------------------------------- shared state
-
-
-class _RecentSet:
-    """A bounded set of recent keys (spans already counted by a CallbackManager handler)."""
-
-    def __init__(self, size: int = 50_000) -> None:
-        self._keys: OrderedDict[tuple[int, str], None] = OrderedDict()
-        self._size = size
-        self._lock = threading.Lock()
-
-    def add(self, key: tuple[int, str]) -> None:
-        with self._lock:
-            keys = self._keys
-            keys[key] = None
-            if len(keys) > self._size:
-                keys.popitem(last=False)  # one key in, at most one out
-
-    def __contains__(self, key: tuple[int, str]) -> bool:
-        with self._lock:
-            return key in self._keys
-
-
-_counted_spans = _RecentSet()
-
-
-@dataclass
-class _Streamed:
-    """What a stream handed out so far: its latest chunk and the text of its deltas
-    (llama-index-llms-anthropic's chunks carry a text block's words only in ``delta``
-    until the block ends)."""
-
-    last: Any = None
-    deltas: list[str] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.deltas) or _response_text(self.last)
-
-
-# What each open stream handed out, by span; taken when its call ends.
-_streamed: OrderedDict[str, _Streamed] = OrderedDict()
-_streamed_lock = threading.Lock()
-
-
-def _is_stream(result: Any) -> bool:
-    return isinstance(result, (Generator, AsyncGenerator))
-
-
-def _remember_chunk(span_id: str | None, response: Any) -> None:
-    if not span_id:
-        return
-    delta = getattr(response, "delta", None)
-    with _streamed_lock:
-        streamed = _streamed.get(span_id)
-        if streamed is None:
-            streamed = _streamed[span_id] = _Streamed()
-            while len(_streamed) > 10_000:  # streams of calls no handler ended
-                _streamed.popitem(last=False)
-        streamed.last = response
-        if isinstance(delta, str) and delta:
-            streamed.deltas.append(delta)
-
-
-def _take_streamed(span_id: str | None) -> _Streamed | None:
-    """What the stream of ``span_id`` handed out; forgotten here (the call ended)."""
-    if not span_id:
-        return None
-    with _streamed_lock:
-        return _streamed.pop(span_id, None)
 
 
 # -------------------------------------------------------------------- extraction
@@ -302,65 +230,38 @@ def _prompt_estimate(state: RunState) -> int:
 # -------------------------------------------------------------------- recording
 
 
-@dataclass
-class _Call:
-    """What a start event said, for building the RunState of each tracker."""
-
-    key: str
-    call_type: CallType
-    payload: dict[str, Any]
-    model: str | None
-    provider: str | None
-    inputs: Any
-    kwargs: dict[str, Any]
-    parent_id: str | None
-    span_id: str | None
-    #: provider usage of the LLM calls made inside this one (StructuredLLM's wrapped LLM)
-    nested_usage: TokenUsage | None = None
-    #: a stream was handed out: a failure after this one came while it was read
-    handed_out: bool = False
-
-    @property
-    def class_name(self) -> str:
-        return str(self.payload.get("class_name") or "")
-
-    def add_nested(self, response: Any, class_name: str) -> None:
-        """Count the provider usage of a call made inside this one."""
-        usage = _provider_usage(response, _raw_source(class_name))
-        if usage is not None:
-            self.nested_usage = usage if self.nested_usage is None else self.nested_usage + usage
-
-
 def _start_run(
     tracker: UsageTracker,
-    call: _Call,
+    call: Call,
+    name: str,
+    by: UsageCallbackHandler | UsageEventHandler,
     *,
-    user_id: str | None,
-    session_id: str | None,
-    tags: Sequence[str],
     enforce: bool,
-    dimensions: Dimensions = (),
 ) -> None:
-    attribution = span_tree().attribution(call.span_id, tracker.declared_dimensions)
-    if dimensions:  # the handler's, overridden by the run's instrument tags
+    """``tracker``'s state of ``call``, started by the handler ``by`` (its user, session,
+    tags and dimensions); a budget's reservation when ``enforce``."""
+    detail: _Call = call.detail
+    user_id, session_id, tags = by.user_id, by.session_id, by.tags
+    attribution = span_tree().attribution(detail.span_id, tracker.declared_dimensions)
+    if by.dimensions:  # the handler's, overridden by the run's instrument tags
         attribution = attribution._replace(
-            dimensions=merge_dimensions(dimensions, attribution.dimensions)
+            dimensions=merge_dimensions(by.dimensions, attribution.dimensions)
         )
     state = RunState(
-        run_id=call.key,
+        run_id=detail.event_id or name,
         started_at=utcnow(),
         framework="llamaindex",
-        call_type=call.call_type,
-        model=call.model,
-        provider=call.provider,
-        parent_run_id=call.parent_id,
+        call_type=detail.call_type,
+        model=_model_name(detail.payload),
+        provider=_provider(detail.payload),
+        parent_run_id=detail.parent_id,
         user_id=user_id,
         session_id=session_id,
         tags=list(tags),
         attribution=attribution,
         sessions=sessions_of(tracker),
-        inputs=call.inputs,
-        extra={"span_id": call.span_id, "usage_source": _raw_source(call.class_name)},
+        inputs=detail.inputs,
+        extra={"usage_source": _raw_source(detail.class_name)},
     )
     state, is_new = tracker.runs.start(state)
     if not is_new:
@@ -368,10 +269,9 @@ def _start_run(
         state.session_id = session_id or state.session_id
         state.tags = list(dict.fromkeys([*state.tags, *tags]))
         state.attribution = attribution.merged(state.attribution)
+    if not (enforce and tracker.has_budgets) or state.reservation is not None:
         return
-    if not (enforce and tracker.has_budgets):
-        return
-    if call.call_type == "embedding":
+    if detail.call_type == "embedding":
         # chunks are not in the start payload: an exhausted budget still refuses
         prompt, embedding = 0, 1
     else:
@@ -381,7 +281,7 @@ def _start_run(
         provider=state.provider,
         prompt_tokens=prompt,
         embedding_tokens=embedding,
-        max_output_tokens=_max_tokens(call.payload, call.kwargs),
+        max_output_tokens=_max_tokens(detail.payload, detail.kwargs),
         user_id=state.user_id,
         session_id=state.session_id,
         sessions=state.sessions,
@@ -391,46 +291,36 @@ def _start_run(
 
 def _finish_run(
     tracker: UsageTracker,
-    key: str,
+    state: RunState,
+    call: _Call,
     *,
     response: Any = None,
     chunks: Sequence[str] | None = None,
     error: BaseException | None = None,
-    streamed: _Streamed | None = None,
-    handed_out: bool = False,
-    nested_usage: TokenUsage | None = None,
 ) -> None:
-    state = tracker.runs.finish(key)
-    if state is None:
-        return
     model = _response_model(response) or state.model or UNKNOWN_MODEL
     usage: TokenUsage | None
     if state.call_type == "embedding":
         texts = [chunk for chunk in (chunks or []) if isinstance(chunk, str)]
         usage = build_usage(embedding=count_texts_tokens(texts, model), estimated=True)
     else:
-        usage = _reported_usage(response, state) or nested_usage
+        usage = _reported_usage(response, state) or call.nested_usage
         if usage is None and error is not None:
-            usage = _failed_usage(state, streamed, handed_out)
+            usage = _failed_usage(state, call)
         elif usage is None:
-            text = _response_text(response) or (streamed.text if streamed else "")
-            usage = _estimate(state, text)
+            usage = _estimate(state, _response_text(response) or call.streamed_text)
     tracker.record_run(state, usage, model=model, error=error)
 
 
-def _abandon_run(tracker: UsageTracker, key: str, *, counted: bool = False) -> None:
+def _abandon_run(tracker: UsageTracker, state: RunState, call: _Call) -> None:
     """A stream handed out and garbage-collected unread: its state and budget hold end
     here. Nothing was billed, unless the LLM class sent the request as it handed the
     stream out and the provider bills a started stream (llama-index-llms-anthropic):
     then the input, estimated, recorded as a stream closed unread (``GeneratorExit``,
-    as when one is closed half-read). ``counted``: a CallbackManager handler of the
-    same tracker records this call."""
-    state = tracker.runs.get(key)
-    if not counted and state and state.extra.get("usage_source") in BILLED_ONCE_STARTED:
-        _finish_run(tracker, key, error=GeneratorExit(), handed_out=True)
-        return
-    state = tracker.runs.finish(key)
-    if state is not None:
+    as when one is closed half-read)."""
+    if state.extra.get("usage_source") in BILLED_ONCE_STARTED:
+        _finish_run(tracker, state, call, error=GeneratorExit())
+    else:
         tracker.release(state.reservation)
 
 
@@ -441,21 +331,20 @@ def _estimate(state: RunState, text: str, prompt: int = 0) -> TokenUsage:
     return build_usage(prompt=prompt, completion=completion, estimated=True)
 
 
-def _failed_usage(state: RunState, streamed: _Streamed | None, handed_out: bool) -> TokenUsage:
+def _failed_usage(state: RunState, call: _Call) -> TokenUsage:
     """A failed call bills nothing, unless it was a stream that had started: then what
     was streamed, flagged estimated, with the input as the provider reported it where
     the LLM class passed that on before the end. A stream handed out has started for
     llama-index-llms-anthropic, which opens it (HTTP status checked) before handing out
     the generator: a failure while that is read comes after ``message_start``."""
-    last = streamed.last if streamed is not None else None
-    reported = _reported_usage(last, state)  # the failure came after the final usage
+    reported = _reported_usage(call.last, state)  # the failure came after the final usage
     if reported is not None:
         return reported
-    text = streamed.text if streamed is not None else ""
+    text = call.streamed_text
     source = state.extra.get("usage_source", "openai")
-    if not text and not (handed_out and source in BILLED_ONCE_STARTED):
+    if not text and not (call.handed_out and source in BILLED_ONCE_STARTED):
         return TokenUsage()  # refused, or failed before anything came back
-    return _estimate(state, text, prompt=_started_input(last, source))
+    return _estimate(state, text, prompt=_started_input(call.last, source))
 
 
 def _started_input(chunk: Any, source: UsageSource) -> int:
@@ -468,6 +357,175 @@ def _started_input(chunk: Any, source: UsageSource) -> int:
     usage = kwargs.get("usage") if isinstance(kwargs, dict) else None
     found = normalize_usage(usage, source="anthropic", whole=False) if usage else None
     return found.prompt_tokens if found is not None else 0
+
+
+# -------------------------------------------------------------------- the call
+
+
+@dataclass
+class _Inner:
+    """An LLM call made inside another's span (``CustomLLM``'s chat -> complete,
+    ``StructuredLLM``'s wrapped LLM): part of that call, found by its span and, once a
+    CallbackManager handler saw its start, by that event id."""
+
+    class_name: str
+    event_id: str | None = None
+
+
+@dataclass
+class _Call:
+    """What a start event said of a call (``runs.Call.detail``, shared by the trackers
+    following it), and what happened to it since.
+
+    One call is one entry in ``runs.CALLS``, found by the span it runs in (all that the
+    instrumentation's end events name) and by the CallbackManager's event id: whichever
+    event system starts it first makes the entry, the other joins it (the dispatcher's
+    start event comes just before the CallbackManager's, in the same span), and the first
+    end of either ends it for every tracker."""
+
+    call_type: CallType
+    payload: dict[str, Any]
+    inputs: Any
+    kwargs: dict[str, Any]
+    span_id: str | None
+    #: the CallbackManager's event id and parent, once one of its handlers saw the start
+    event_id: str | None = None
+    parent_id: str | None = None
+    #: provider usage of the LLM calls made inside this one (StructuredLLM's wrapped LLM)
+    nested_usage: TokenUsage | None = None
+    #: a stream was handed out: a failure after this one came while it was read
+    handed_out: bool = False
+    #: what the stream handed out: its latest chunk and the text of its deltas
+    #: (llama-index-llms-anthropic's chunks carry a text block's words only in ``delta``
+    #: until the block ends)
+    last: Any = None
+    deltas: list[str] = field(default_factory=list)
+    #: the LLM calls made inside this one, by their spans
+    inner: dict[str, _Inner] = field(default_factory=dict)
+
+    @property
+    def class_name(self) -> str:
+        return str(self.payload.get("class_name") or "")
+
+    @property
+    def streamed_text(self) -> str:
+        return "".join(self.deltas) or _response_text(self.last)
+
+    def remember(self, chunk: Any) -> None:
+        self.last = chunk
+        delta = getattr(chunk, "delta", None)
+        if isinstance(delta, str) and delta:
+            self.deltas.append(delta)
+
+    def add_nested(self, response: Any, class_name: str) -> None:
+        """Count the provider usage of a call made inside this one."""
+        usage = _provider_usage(response, _raw_source(class_name))
+        if usage is not None:
+            self.nested_usage = usage if self.nested_usage is None else self.nested_usage + usage
+
+
+def _own(span: str | None) -> Call | None:
+    """The oldest call running in ``span`` itself (not one it is a part of)."""
+    return next((call for call in CALLS.in_span(span) if call.detail.span_id == span), None)
+
+
+def _part_of(span: str | None, trackers: Sequence[UsageTracker]) -> Call | None:
+    """The call an LLM call in ``span`` is part of: registered already (by the other event
+    system), or the call of the nearest span above, if it serves ``trackers``."""
+    calls = CALLS.in_span(span)
+    if calls:
+        return calls[-1] if calls[-1].detail.span_id != span else None
+    above = span_tree().enclosing(span, CALLS.spans())
+    outer = next(iter(CALLS.in_span(above)), None)
+    if outer is None or not all(tracker in outer.states for tracker in trackers):
+        return None
+    return outer
+
+
+def _join_inner(outer: Call, span: str, class_name: str, event_id: str | None) -> None:
+    inner = outer.detail.inner.setdefault(span, _Inner(class_name))
+    if event_id is not None and inner.event_id is None:
+        inner.event_id = event_id
+    else:
+        event_id = None  # named already
+    CALLS.name(outer, event_id, None if span in outer.spans else span)
+
+
+def _end_inner(outer: Call, span: str, response: Any = None) -> None:
+    """A call made inside ``outer`` ended (or failed): its usage counts in ``outer``'s."""
+    inner = outer.detail.inner.pop(span, None)
+    if inner is not None:  # the first end of the two event systems; its names go with outer
+        outer.detail.add_nested(response, inner.class_name)
+
+
+def _end(
+    call: Call,
+    *,
+    response: Any = None,
+    chunks: Sequence[str] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """The call ended, whichever event system said so first: record it for each tracker."""
+    for tracker, state in CALLS.end(call).items():
+        if isinstance(tracker, UsageTracker):
+            _finish_run(tracker, state, call.detail, response=response, chunks=chunks, error=error)
+
+
+def _end_in_span(
+    span: str | None,
+    *,
+    response: Any = None,
+    chunks: Sequence[str] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """An instrumentation end event: the oldest call of ``span``, or a call inside one."""
+    for call in CALLS.in_span(span):
+        if call.detail.span_id == span:
+            _end(call, response=response, chunks=chunks, error=error)
+        elif span is not None:
+            _end_inner(call, span, response)
+        return
+
+
+def _end_named(event_id: str, **outcome: Any) -> None:
+    """A CallbackManager end event: its call, or a call inside one."""
+    call = CALLS.named(event_id)
+    if call is None:
+        return
+    detail: _Call = call.detail
+    if detail.event_id == event_id:
+        _end(call, **outcome)
+        return
+    inner = next((span for span, i in detail.inner.items() if i.event_id == event_id), None)
+    if inner is not None:
+        _end_inner(call, inner, outcome.get("response"))
+
+
+class _SpanEnds:
+    """Told of every span's end by the span tree: a failed non-streaming call gets no
+    other end on the instrumentation side, a stream handed out may never be read."""
+
+    def span_exited(self, span: str, result: Any) -> None:
+        """A stream handed out ends unread when it is garbage-collected."""
+        if isinstance(result, (Generator, AsyncGenerator)) and (call := _own(span)) is not None:
+            call.detail.handed_out = True
+            when_collected(result, _abandon, span)
+
+    def span_failed(self, span: str, error: BaseException | None) -> None:
+        for call in CALLS.in_span(span):
+            if call.detail.span_id == span:
+                _end(call, error=error)
+            else:
+                _end_inner(call, span)
+
+
+def _abandon(span: str) -> None:
+    """A stream handed out and garbage-collected unread (the calls inside it end with it)."""
+    call = _own(span)
+    if call is not None:
+        for tracker, state in CALLS.end(call).items():
+            if isinstance(tracker, UsageTracker):
+                _abandon_run(tracker, state, call.detail)
 
 
 # -------------------------------------------------------------------- CallbackManager
@@ -494,22 +552,10 @@ class UsageCallbackHandler(BaseCallbackHandler):
         self.tags = list(tags or [])
         #: given to every call this handler sees; instrument tags override them
         self.dimensions = check_given_dimensions(tracker.declared_dimensions, dimensions)
-        self._init_state()
-        _watch_streams()
+        _watch_calls()
 
-    def _init_state(self) -> None:
-        #: open calls by event id, and the event id of the open LLM call of each span
-        self._opened: dict[str, _Call] = {}
-        self._span_calls: dict[str, str] = {}
-        #: LLM events inside another open call: event id -> (that call, own class name,
-        #: own span)
-        self._nested: dict[str, tuple[_Call, str, str | None]] = {}
-        # re-entrant: a stream garbage-collected mid-update ends its call (_abandon)
-        self._lock = threading.RLock()
-        span_tree()  # nested calls are told by the spans they run in
-        listen_to_span_ends(self)
-
-    def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
+    def _trackers(self) -> tuple[UsageTracker, ...]:
+        """The trackers a call starting here is recorded for."""
         return (self.tracker,)
 
     @property
@@ -540,24 +586,14 @@ class UsageCallbackHandler(BaseCallbackHandler):
             return event_id
         trackers: tuple[UsageTracker, ...] = ()
         try:
-            trackers = self._trackers(event_id, True)
-            call = self._call(event_type, payload or {}, event_id, parent_id) if trackers else None
+            trackers = self._trackers()
+            call = _callback_call(event_type, payload or {}, event_id, parent_id, trackers)
             if call is None:
                 return event_id
             for tracker in trackers:
-                if call.span_id:  # the event handler of this tracker must skip this span
-                    _counted_spans.add((id(tracker), call.span_id))
-                _start_run(
-                    tracker,
-                    call,
-                    user_id=self.user_id,
-                    session_id=self.session_id,
-                    tags=self.tags,
-                    enforce=True,
-                    dimensions=self.dimensions,
-                )
+                _start_run(tracker, call, event_id, self, enforce=True)
         except BudgetExceededError:
-            self._refuse(event_id)
+            CALLS.refuse(event_id)  # every tracker's hold for it, taken before this one
             raise
         except Exception as error:  # any failure on the way to the reservations
             logger.warning("usage tracking failed at an event start", exc_info=True)
@@ -565,83 +601,9 @@ class UsageCallbackHandler(BaseCallbackHandler):
                 try:
                     next(t for t in trackers if t.has_budgets).budget_check_failed(error)
                 except BudgetExceededError:
-                    self._refuse(event_id)
+                    CALLS.refuse(event_id)
                     raise
         return event_id
-
-    def _refuse(self, event_id: str) -> None:
-        """The call will not be made: forget it and release what any tracker held for it."""
-        CALLS.refuse(event_id)
-        self._close(event_id)
-
-    def _call(
-        self, event_type: CBEventType, payload: dict[str, Any], event_id: str, parent_id: str
-    ) -> _Call | None:
-        serialized = payload.get(_P_SERIALIZED) or {}
-        span_id = active_span_id.get()
-        if event_type == _EMBEDDING_EVENT:
-            call_type: CallType = "embedding"
-            inputs: Any = None
-        elif _P_MESSAGES in payload:
-            call_type, inputs = "chat", payload.get(_P_MESSAGES)
-        else:
-            call_type, inputs = "completion", payload.get(_P_PROMPT)
-        model = _model_name(serialized)
-        if call_type != "embedding":
-            with self._lock:
-                outer = span_tree().enclosing(span_id, self._span_calls)
-                if outer is not None:  # part of that call: chat -> complete, StructuredLLM
-                    outer_call = self._opened[self._span_calls[outer]]
-                    class_name = str(serialized.get("class_name"))
-                    self._nested[event_id] = (outer_call, class_name, span_id)
-                    return None
-        call = _Call(
-            key=event_id,
-            call_type=call_type,
-            payload=serialized,
-            model=model,
-            provider=_provider(serialized),
-            inputs=inputs,
-            kwargs=payload.get(_P_ADDITIONAL_KWARGS) or {},
-            parent_id=parent_id or None,
-            span_id=span_id,
-        )
-        with self._lock:
-            self._opened[event_id] = call
-            if span_id and call_type != "embedding":
-                self._span_calls[span_id] = event_id
-        return call
-
-    def _close(self, event_id: str) -> _Call | None:
-        """Forget an open call; None for unknown events."""
-        with self._lock:
-            call = self._opened.pop(event_id, None)
-            span = call.span_id if call is not None else None
-            if span and self._span_calls.get(span) == event_id:
-                del self._span_calls[span]
-        return call
-
-    def span_exited(self, span: str, result: Any) -> None:
-        """A stream handed out ends unread when it is garbage-collected."""
-        if _is_stream(result) and (event_id := self._span_calls.get(span)) is not None:
-            with self._lock:
-                call = self._opened.get(event_id)
-                if call is not None:
-                    call.handed_out = True
-            when_collected(result, self._abandon, event_id)
-
-    def span_failed(self, span: str, error: BaseException | None) -> None:
-        return None  # the CallbackManager sends the call's end, with the exception
-
-    def _abandon(self, event_id: str) -> None:
-        call = self._close(event_id)
-        if call is None:
-            return
-        with self._lock:  # the calls inside it (CustomLLM's stream_complete) end with it
-            for inner in [key for key, (outer, *_) in self._nested.items() if outer is call]:
-                del self._nested[inner]
-        for tracker in self._trackers(event_id, False):
-            _abandon_run(tracker, event_id)
 
     def on_event_end(
         self,
@@ -654,32 +616,55 @@ class UsageCallbackHandler(BaseCallbackHandler):
             return
         try:
             payload = payload or {}
-            response = payload.get(_P_RESPONSE) or payload.get(_P_COMPLETION)
-            with self._lock:
-                nested = self._nested.pop(event_id, None)
-            if nested is not None:
-                outer, class_name, span = nested
-                outer.add_nested(response, class_name)
-                _take_streamed(span)  # the inner call ended: forget what it streamed
-                return
-            call = self._close(event_id)
-            if call is None:
-                return
             error = payload.get(_P_EXCEPTION)
-            streamed = _take_streamed(call.span_id)
-            for tracker in self._trackers(event_id, False):
-                _finish_run(
-                    tracker,
-                    event_id,
-                    response=response,
-                    chunks=payload.get(_P_CHUNKS),
-                    error=error if isinstance(error, BaseException) else None,
-                    streamed=streamed,
-                    handed_out=call.handed_out,
-                    nested_usage=call.nested_usage,
-                )
+            _end_named(
+                event_id,
+                response=payload.get(_P_RESPONSE) or payload.get(_P_COMPLETION),
+                chunks=payload.get(_P_CHUNKS),
+                error=error if isinstance(error, BaseException) else None,
+            )
         except Exception:  # never break the user's call from an end hook
             logger.warning("usage tracking failed at an event end", exc_info=True)
+
+
+def _callback_call(
+    event_type: CBEventType,
+    payload: dict[str, Any],
+    event_id: str,
+    parent_id: str,
+    trackers: tuple[UsageTracker, ...],
+) -> Call | None:
+    """The call a CallbackManager start event begins (None: part of another call, or
+    no tracker to record it for). The instrumentation's start event, if a handler heard
+    it, made it just before, in the same span: joined here and named by ``event_id``."""
+    if not trackers:
+        return None
+    call = CALLS.named(event_id)  # another handler on this manager saw this start
+    if call is not None:
+        return call if call.detail.event_id == event_id else None
+    serialized = payload.get(_P_SERIALIZED) or {}
+    span = active_span_id.get()
+    embedding = event_type == _EMBEDDING_EVENT
+    outer = None if embedding else _part_of(span, trackers)
+    if outer is not None and span is not None:
+        _join_inner(outer, span, str(serialized.get("class_name")), event_id)
+        return None
+    call = next(reversed(CALLS.in_span(span)), None)  # the newest: made just before?
+    if call is not None and call.detail.event_id is None and call.detail.span_id == span:
+        call.detail.event_id, call.detail.parent_id = event_id, parent_id or None
+        for state in call.states.values():  # the call's id is the CallbackManager's
+            state.run_id, state.parent_run_id = event_id, call.detail.parent_id
+        return call if CALLS.name(call, event_id) else None
+    if embedding:
+        call_type: CallType = "embedding"
+        inputs: Any = None
+    elif _P_MESSAGES in payload:
+        call_type, inputs = "chat", payload.get(_P_MESSAGES)
+    else:
+        call_type, inputs = "completion", payload.get(_P_PROMPT)
+    kwargs = payload.get(_P_ADDITIONAL_KWARGS) or {}
+    detail = _Call(call_type, serialized, inputs, kwargs, span, event_id, parent_id or None)
+    return CALLS.open(event_id, span, detail)
 
 
 class _SessionCallbackHandler(UsageCallbackHandler):
@@ -691,17 +676,18 @@ class _SessionCallbackHandler(UsageCallbackHandler):
         self.session_id = None
         self.tags = []
         self.dimensions = ()
-        self._init_state()
 
-    def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
-        return session_trackers() if starting else call_trackers(key)
+    def _trackers(self) -> tuple[UsageTracker, ...]:
+        return session_trackers()
 
 
 # -------------------------------------------------------------------- instrumentation
 
 
 class UsageEventHandler(BaseEventHandler):
-    """Root-dispatcher handler: records every LLM and embedding call; never refuses."""
+    """Root-dispatcher handler: records every LLM and embedding call; never refuses.
+    Its calls end with the instrumentation's end events (``_CallEvents``), or with the
+    CallbackManager's when one of its handlers follows the call too."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -711,202 +697,103 @@ class UsageEventHandler(BaseEventHandler):
     tags: list[str] = Field(default_factory=list)
     #: declared dimensions given to every call (checked by instrument())
     dimensions: Dimensions = ()
-    #: open calls by span: one LLM call, or the embedding batches sent at once
-    _calls: dict[str, list[_Call]] = PrivateAttr(default_factory=dict)
-    #: LLM spans inside another open call: span -> (that call, own class name)
-    _nested: dict[str, tuple[_Call, str]] = PrivateAttr(default_factory=dict)
-    #: re-entrant: a stream garbage-collected mid-update ends its call (_abandon)
-    _lock: threading.RLock = PrivateAttr(default_factory=threading.RLock)
 
     @classmethod
     def class_name(cls) -> str:
         return "UsageEventHandler"
 
     def model_post_init(self, context: Any) -> None:
-        # Each event reads these tables several times, and a pydantic private attribute is
-        # read through BaseModel.__getattr__ (~2 µs): the same objects, never reassigned,
-        # also sit in the instance dict, where a read is a plain lookup.
-        for name in ("_calls", "_nested", "_lock"):
-            object.__setattr__(self, name, getattr(self, name))
-        _watch_streams()  # calls are placed by the spans they run in, streams watched
-        listen_to_span_ends(self)
+        _watch_calls()  # calls are placed by the spans they run in, ended, streams watched
 
-    def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
+    def _trackers(self) -> tuple[UsageTracker, ...]:
         return (self.tracker,) if self.tracker is not None else ()
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
-        try:
-            self._handle(event)
-        except Exception:
-            logger.warning("usage tracking failed on %s", type(event).__name__, exc_info=True)
+        if isinstance(event, _START_EVENTS):
+            try:
+                self._start(event)
+            except Exception:
+                logger.warning("usage tracking failed on %s", type(event).__name__, exc_info=True)
 
-    def _handle(self, event: BaseEvent) -> None:
-        span = event.span_id or ""
-        if isinstance(event, (LLMChatStartEvent, LLMCompletionStartEvent, EmbeddingStartEvent)):
-            self._start(event, span)
-        elif isinstance(event, (LLMChatEndEvent, LLMCompletionEndEvent)):
-            self._end(span, response=event.response, streamed=_take_streamed(span))
-        elif isinstance(event, EmbeddingEndEvent):
-            self._end(span, chunks=event.chunks)
-        elif isinstance(event, ExceptionEvent):
-            self._end(span, error=event.exception, streamed=_take_streamed(span))
+    def _start(self, event: BaseEvent) -> None:
+        trackers = self._trackers()
+        call = _instrumented_call(event, trackers) if trackers else None
+        if call is None:
+            return
+        for tracker in trackers:
+            _start_run(tracker, call, event.id_, self, enforce=False)
 
-    def _start(self, event: BaseEvent, span: str) -> None:
-        payload = dict(getattr(event, "model_dict", None) or {})
-        if isinstance(event, EmbeddingStartEvent):
-            call_type: CallType = "embedding"
-            inputs: Any = None
-        elif isinstance(event, LLMChatStartEvent):
+
+def _instrumented_call(event: BaseEvent, trackers: tuple[UsageTracker, ...]) -> Call | None:
+    """The call an instrumentation start event begins (None: part of another call). Named
+    by the start event's id (another event handler of the dispatcher joins it by that),
+    found by its span."""
+    call = CALLS.named(event.id_)
+    if call is not None:
+        return call
+    span = event.span_id or ""  # outside any span: all such calls pair in order
+    payload = dict(getattr(event, "model_dict", None) or {})
+    if isinstance(event, EmbeddingStartEvent):
+        call_type: CallType = "embedding"
+        inputs: Any = None
+    else:
+        if (outer := _part_of(span, trackers)) is not None:
+            _join_inner(outer, span, str(payload.get("class_name")), None)
+            return None
+        if isinstance(event, LLMChatStartEvent):
             call_type, inputs = "chat", event.messages
         else:
             call_type, inputs = "completion", getattr(event, "prompt", "")
-        if call_type != "embedding":
-            with self._lock:
-                outer = span_tree().enclosing(span, self._calls)
-                if outer is not None:  # part of that call: chat -> complete, StructuredLLM
-                    self._nested[span] = (self._calls[outer][0], str(payload.get("class_name")))
-                    return
-        key = event.id_  # the start event's uuid: one per call, even within one span
-        call = _Call(
-            key=key,
-            call_type=call_type,
-            payload=payload,
-            model=_model_name(payload),
-            provider=_provider(payload),
-            inputs=inputs,
-            kwargs=dict(getattr(event, "additional_kwargs", None) or {}),
-            parent_id=None,
-            span_id=span,
-        )
-        trackers = self._trackers(key, True)
-        with self._lock:
-            self._calls.setdefault(span, []).append(call)
-        for tracker in trackers:
-            _start_run(
-                tracker,
-                call,
-                user_id=self.user_id,
-                session_id=self.session_id,
-                tags=self.tags,
-                enforce=False,
-                dimensions=self.dimensions,
-            )
-
-    def _end(
-        self,
-        span: str,
-        *,
-        response: Any = None,
-        chunks: Sequence[str] | None = None,
-        error: BaseException | None = None,
-        streamed: _Streamed | None = None,
-    ) -> None:
-        with self._lock:
-            nested = self._nested.pop(span, None)
-            call = None if nested else self._pop_call(span)
-        if nested is not None:
-            outer, class_name = nested
-            outer.add_nested(response, class_name)
-        elif call is not None:
-            self._finish(call, response=response, chunks=chunks, error=error, streamed=streamed)
-
-    def _pop_call(self, span: str) -> _Call | None:
-        """The oldest open call of ``span`` (caller holds the lock)."""
-        calls = self._calls.get(span)
-        if not calls:
-            return None
-        call = calls.pop(0)
-        if not calls:
-            del self._calls[span]
-        return call
-
-    def _finish(
-        self,
-        call: _Call,
-        *,
-        response: Any = None,
-        chunks: Sequence[str] | None = None,
-        error: BaseException | None = None,
-        streamed: _Streamed | None = None,
-    ) -> None:
-        for tracker in self._trackers(call.key, False):
-            if (id(tracker), call.span_id or "") in _counted_spans:
-                tracker.runs.finish(call.key)  # a CallbackManager handler counted it
-                continue
-            _finish_run(
-                tracker,
-                call.key,
-                response=response,
-                chunks=chunks,
-                error=error,
-                streamed=streamed,
-                handed_out=call.handed_out,
-                nested_usage=call.nested_usage,
-            )
-
-    def span_failed(self, span: str, error: BaseException | None) -> None:
-        """A failed non-streaming call: LlamaIndex sends no end event, only the drop."""
-        with self._lock:
-            self._nested.pop(span, None)
-            calls = self._calls.pop(span, [])
-        for call in calls:
-            self._finish(call, error=error, streamed=_take_streamed(span))
-
-    def span_exited(self, span: str, result: Any) -> None:
-        """A stream handed out ends unread when it is garbage-collected."""
-        if _is_stream(result) and (span in self._calls or span in self._nested):
-            with self._lock:
-                for call in self._calls.get(span, ()):
-                    call.handed_out = True
-            when_collected(result, self._abandon, span)
-
-    def _abandon(self, span: str) -> None:
-        with self._lock:
-            self._nested.pop(span, None)
-            calls = self._calls.pop(span, [])
-        for call in calls:
-            for tracker in self._trackers(call.key, False):
-                counted = (id(tracker), call.span_id or "") in _counted_spans
-                _abandon_run(tracker, call.key, counted=counted)
+    kwargs = dict(getattr(event, "additional_kwargs", None) or {})
+    return CALLS.open(event.id_, span, _Call(call_type, payload, inputs, kwargs, span))
 
 
 class _SessionEventHandler(UsageEventHandler):
     """On the root dispatcher while sessions exist; serves the trackers of open sessions."""
 
-    def _trackers(self, key: str, starting: bool) -> tuple[UsageTracker, ...]:
-        return session_trackers() if starting else call_trackers(key)
-
-    def _start(self, event: BaseEvent, span: str) -> None:
-        if active_sessions():
-            super()._start(event, span)
+    def _trackers(self) -> tuple[UsageTracker, ...]:
+        return session_trackers()
 
 
-class _StreamWatcher(BaseEventHandler):
-    """Keeps what each stream handed out, per span, for both kinds of handler."""
+class _CallEvents(BaseEventHandler):
+    """Ends the calls in flight at the instrumentation's end events, and keeps what their
+    streams hand out, once for every handler of either kind."""
 
     @classmethod
     def class_name(cls) -> str:
-        return "UsageCallbacksStreamWatcher"
+        return "UsageCallbacksCallEvents"
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
-        if isinstance(event, (LLMChatInProgressEvent, LLMCompletionInProgressEvent)):
-            try:
-                _remember_chunk(event.span_id, event.response)
-            except Exception:
-                logger.warning("usage tracking failed on a streamed chunk", exc_info=True)
+        try:
+            if isinstance(event, _CHUNK_EVENTS):
+                if (call := _own(event.span_id or "")) is not None:
+                    call.detail.remember(event.response)
+            elif isinstance(event, _END_EVENTS):
+                _end_in_span(event.span_id or "", response=event.response)
+            elif isinstance(event, EmbeddingEndEvent):
+                _end_in_span(event.span_id or "", chunks=event.chunks)
+            elif isinstance(event, ExceptionEvent):
+                _end_in_span(event.span_id or "", error=event.exception)
+        except Exception:
+            logger.warning("usage tracking failed on %s", type(event).__name__, exc_info=True)
 
+
+_START_EVENTS = (LLMChatStartEvent, LLMCompletionStartEvent, EmbeddingStartEvent)
+_CHUNK_EVENTS = (LLMChatInProgressEvent, LLMCompletionInProgressEvent)
+_END_EVENTS = (LLMChatEndEvent, LLMCompletionEndEvent)
 
 _wiring_lock = threading.Lock()
-_stream_watcher: _StreamWatcher | None = None
+_call_events: _CallEvents | None = None
 _watcher_lock = threading.Lock()  # its own: handlers are built under the wiring lock
 
 
-def _watch_streams() -> None:
-    global _stream_watcher
+def _watch_calls() -> None:
+    global _call_events
     with _watcher_lock:
-        if _stream_watcher is None:
-            _stream_watcher = _StreamWatcher()
-            get_dispatcher().add_event_handler(_stream_watcher)
+        if _call_events is None:
+            _call_events = _CallEvents()
+            get_dispatcher().add_event_handler(_call_events)
+            listen_to_span_ends(_SpanEnds())
     span_tree()
 
 
@@ -985,7 +872,7 @@ def _ensure_session_wiring() -> None:
         if _session_event_handler not in root.event_handlers:
             root.add_event_handler(_session_event_handler)
     budget_reach().add(_session_callback_handler)  # components with managers of their own
-    _watch_streams()
+    _watch_calls()
 
 
 @contextmanager

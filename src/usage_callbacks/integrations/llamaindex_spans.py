@@ -10,7 +10,7 @@ Dimensions come from ``instrument_tags({...})``, LlamaIndex's metadata for a run
 LlamaIndex has no conversation id, so ``thread_id`` stays empty.
 
 The tree also pairs calls: an LLM call inside an open call's span is part of it, and
-listeners hear when a span fails (the only end LlamaIndex gives a failed non-streaming
+a listener hears when a span fails (the only end LlamaIndex gives a failed non-streaming
 call on the instrumentation side) or exits (handing out a stream that may never be read).
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-import weakref
 from collections.abc import Container
 from typing import Any, NamedTuple, Protocol
 
@@ -59,30 +58,22 @@ class SpanEndListener(Protocol):
     def span_failed(self, span: str, error: BaseException | None) -> None: ...
 
 
-#: told of every span's end; weakly held, by id (pydantic handlers are unhashable). A plain
-#: dict of references: iterating a WeakValueDictionary cost ~3 µs of every span's exit.
-_listeners: dict[int, weakref.ref[SpanEndListener]] = {}
+#: told of every span's end (the calls in flight: one listener for every handler)
+_listener: SpanEndListener | None = None
 
 
 def listen_to_span_ends(listener: SpanEndListener) -> None:
-    key = id(listener)
-
-    def forget(reference: weakref.ref[SpanEndListener]) -> None:
-        if _listeners.get(key) is reference:
-            del _listeners[key]
-
-    _listeners[key] = weakref.ref(listener, forget)
+    global _listener
+    _listener = listener
 
 
-def _tell_listeners(method: str, span: str, detail: Any) -> None:
-    for reference in list(_listeners.values()):
-        listener = reference()
-        if listener is None:
-            continue
-        try:
-            getattr(listener, method)(span, detail)
-        except Exception:  # the dispatcher does not guard span handlers: never break the call
-            logger.warning("usage tracking failed at the end of span %s", span, exc_info=True)
+def _tell_listener(method: str, span: str, detail: Any) -> None:
+    if _listener is None:
+        return
+    try:
+        getattr(_listener, method)(span, detail)
+    except Exception:  # the dispatcher does not guard span handlers: never break the call
+        logger.warning("usage tracking failed at the end of span %s", span, exc_info=True)
 
 
 class SpanTree(BaseSpanHandler[Any]):  # holds _PlacedSpan, not BaseSpan models
@@ -90,7 +81,7 @@ class SpanTree(BaseSpanHandler[Any]):  # holds _PlacedSpan, not BaseSpan models
 
     It sees every span of the process, so its enter, exit and drop are the base class's
     without its lock (a pydantic private attribute, slow to reach; one dict store or pop
-    needs no lock). With plain span objects and listeners held in a plain dict, our
+    needs no lock). With plain span objects, our
     dispatcher handlers cost a LlamaIndex call (MockLLM chat + embedding batch) ~70 µs
     instead of ~136 µs, tracked or not (benchmarks/RESULTS.md).
     """
@@ -170,7 +161,7 @@ class SpanTree(BaseSpanHandler[Any]):  # holds _PlacedSpan, not BaseSpan models
         result: Any | None = None,
         **kwargs: Any,
     ) -> _PlacedSpan | None:
-        _tell_listeners("span_exited", id_, result)
+        _tell_listener("span_exited", id_, result)
         return self.open_spans.get(id_)  # as the base class expects; span_exit forgets it
 
     def prepare_to_drop_span(
@@ -181,7 +172,7 @@ class SpanTree(BaseSpanHandler[Any]):  # holds _PlacedSpan, not BaseSpan models
         err: BaseException | None = None,
         **kwargs: Any,
     ) -> _PlacedSpan | None:
-        _tell_listeners("span_failed", id_, err)
+        _tell_listener("span_failed", id_, err)
         return self.open_spans.get(id_)  # as the base class expects; span_exit forgets it
 
     def enclosing(self, span_id: str | None, spans: Container[str]) -> str | None:
