@@ -652,3 +652,50 @@ def test_work_set_off_by_collection_that_fails_is_logged(
         del dropped
         assert wait_for_collected(10)
     assert "ending a garbage-collected call" in caplog.text
+
+
+def test_a_settled_or_released_reservation_sets_off_nothing_when_collected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every reservation, settled or not, used to give its hold back again when it was
+    collected: a thread started for each budgeted call (~70 µs of CPU)."""
+    from usage_callbacks.allowances import BudgetAllowances
+    from usage_callbacks.collected import wait_for_collected
+
+    abandoned: list[str] = []
+    abandon = BudgetAllowances.abandon
+
+    def count(self: BudgetAllowances, reservation_id: str, charges: object) -> None:
+        abandoned.append(reservation_id)
+        abandon(self, reservation_id, charges)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BudgetAllowances, "abandon", count)
+    with UsageTracker("memory://", budgets=[Budget(limit_tokens=10_000)]) as tracker:
+        settled = tracker.reserve(model="m", prompt_tokens=10, max_output_tokens=10)
+        tracker.record(TokenUsage(prompt_tokens=10, completion_tokens=5), reservation=settled)
+        released = tracker.reserve(model="m", prompt_tokens=10, max_output_tokens=10)
+        tracker.release(released)
+        dropped = tracker.reserve(model="m", prompt_tokens=10, max_output_tokens=10)
+        assert settled is not None and released is not None and dropped is not None
+        dropped_id = dropped.id
+        del settled, released, dropped
+        gc.collect()
+        assert wait_for_collected(10)
+    assert abandoned == [dropped_id]  # only the one never settled nor released
+
+
+def test_work_set_off_by_collection_runs_on_one_thread() -> None:
+    """A thread was started for each piece of work, and every streamed call sets some off."""
+    from usage_callbacks.collected import wait_for_collected, when_collected
+
+    class Dropped:
+        pass
+
+    ran_on: list[threading.Thread] = []
+    for _ in range(5):
+        dropped = Dropped()
+        when_collected(dropped, lambda: ran_on.append(threading.current_thread()))
+        del dropped
+    assert wait_for_collected(10)
+    assert len(ran_on) == 5 and len(set(ran_on)) == 1
+    assert ran_on[0] is not threading.current_thread()  # off the collecting thread

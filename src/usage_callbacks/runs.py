@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from usage_callbacks.sessions import UsageSession
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Reservation:
     """Budget held for one call in flight; settle it by recording, or release it."""
 
@@ -33,6 +34,14 @@ class Reservation:
     usd: Decimal
     tokens: int
     estimate: TokenUsage
+    #: gives the hold back if the reservation is dropped unsettled (an abandoned call);
+    #: settling or releasing it first calls this off
+    when_dropped: weakref.finalize[Any, Any] | None = field(default=None, repr=False)
+
+    def ended(self) -> None:
+        """Settled or released: nothing left to give back when it is collected."""
+        if self.when_dropped is not None:
+            self.when_dropped.detach()
 
 
 @dataclass

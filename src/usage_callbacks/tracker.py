@@ -323,10 +323,10 @@ class UsageTracker:
             return self._ledger_unavailable(error, charges, reservation)
         # a reservation dropped without being settled or released (its call's state was
         # collected: an abandoned call) gives its hold back
-        finalizer = when_collected(
+        reservation.when_dropped = when_collected(
             reservation, self._allowances.abandon, reservation.id, reservation.charges
         )
-        finalizer.atexit = False
+        reservation.when_dropped.atexit = False
         for warning in renewal.warnings if renewal else ():
             _announce(warning)
         return reservation
@@ -392,6 +392,7 @@ class UsageTracker:
     def release(self, reservation: Reservation | None) -> None:
         """Drop a reservation whose call never happened (never raises)."""
         if reservation is not None:
+            reservation.ended()
             self._allowances.release(reservation.id, reservation.charges)
 
     def forget_runs(self, states: list[RunState]) -> None:
@@ -575,6 +576,7 @@ class UsageTracker:
         self, record: UsageRecord, sessions: Sequence[UsageSession], reservation: Reservation | None
     ) -> None:
         if reservation is not None:
+            reservation.ended()
             charges = reservation.charges
         elif self.has_budgets:
             scope = self._scope(
