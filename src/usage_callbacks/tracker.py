@@ -98,7 +98,7 @@ class UsageTracker:
     Records are written in batches from a background thread
     (at most ``batch_size`` records or ``flush_interval`` seconds old); ``durable=True``
     writes each record before ``record()`` returns. ``record()`` never waits for the
-    database: beyond a batch queued, the oldest batch goes to ``spill_path`` (JSONL), read
+    database: beyond two batches queued, the oldest goes to ``spill_path`` (JSONL), read
     back as the database catches up (or by the next tracker on it, if this process dies).
     While the database is away records wait in memory (at most ``max_buffer``, ~3 KB
     each), then spill.

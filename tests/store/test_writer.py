@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -394,3 +395,25 @@ def test_two_writers_on_one_database_in_one_process_keep_their_own_spill_files()
     assert first.spill_path.parent == second.spill_path.parent
     first.close()
     second.close()
+
+
+def test_a_steady_caller_holding_the_gil_spills_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that keeps the GIL (Python work between records, as in a framework's
+    call) queues on for up to 5 ms after waking the writer for a full batch. With one
+    batch allowed beside the one in flight, nearly every batch went to the spill file."""
+    store = _RecordingStore()
+    spill = SpillFile(tmp_path / "spill.jsonl")
+    writer = BatchWriter(store, batch_size=200, max_delay=3600, spill=spill)
+    records = [UsageRecord() for _ in range(2000)]
+    with caplog.at_level(logging.INFO, logger="usage_callbacks"):
+        for record in records:
+            writer.submit(record)
+            deadline = time.perf_counter() + 0.0002
+            while time.perf_counter() < deadline:  # ~200 µs of work, without a GIL release
+                pass
+        assert writer.flush(timeout=30)
+    assert "spill" not in caplog.text
+    assert [i for batch in store.batches for i in batch] == [r.id for r in records]
+    writer.close()

@@ -5,11 +5,14 @@ Submitting is a lock-free append (the deque is thread-safe): taking the writer's
 every call let the writer thread, pre-empted while holding it, stall the caller for
 milliseconds. The writer polls every ``max_delay`` and is woken for full batches.
 
-A caller never waits for the store. While the store takes writes, at most one batch
-waits beside the one being written: a caller that would queue more moves the oldest
-batch to the spill file itself (a local append: ~1 ms for 500 records), and the writer
-re-ingests the file before its next batch. So a killed process loses at most the batch
-being written, the one filling and a batch per thread on its way to the file; the next
+A caller never waits for the store. While the store takes writes, at most two batches
+wait beside the one being written: a full one the writer has been woken for and the one
+filling. (One was too few: the writer needs the GIL to take its batch, and a caller
+holding it queues on for up to 5 ms, so with one a caller spilled nearly every batch.)
+A caller that would queue more moves the oldest batch to the spill file itself (a local
+append: ~1 ms for 500 records), and the writer re-ingests the file before its next batch.
+So a killed process loses at most the batch being written, the two queued and a batch
+per thread on its way to the file; the next
 tracker on the database writes what its spill file holds (``orphans.py``). With
 ``max_buffer`` queued, SIGKILL at saturation lost 10,000; bounding the queue by making
 callers wait for the writer stalled them for up to 2 s. While the store fails, up to
@@ -70,6 +73,7 @@ class BatchWriter:
         self._batch_size = batch_size
         self._max_delay = max_delay
         self._max_buffer = max_buffer
+        self._healthy_bound = 2 * batch_size
         self._own_spill = spill is None  # per process: renamed in a forked child
         self._folder = spill_folder(store_identity) if self._own_spill and store_identity else None
         self._claim: Claim | None = None
@@ -95,8 +99,8 @@ class BatchWriter:
         self._failures = 0
         #: set once the spill files of ended processes are written (flush() waits for it)
         self._adopted = threading.Event()
-        #: records that may wait unwritten: one batch, or max_buffer while the store fails
-        self._bound = self._batch_size
+        #: records that may wait queued: two batches, or max_buffer while the store fails
+        self._bound = self._healthy_bound
         self._thread = threading.Thread(
             target=self._run, name="usage-callbacks-writer", daemon=True
         )
@@ -276,7 +280,7 @@ class BatchWriter:
                     return
                 continue
             self._failures = 0
-            self._bound = self._batch_size
+            self._bound = self._healthy_bound
             with self._condition:
                 self._done += len(self._inflight)
                 self._inflight = []
