@@ -19,6 +19,7 @@ from usage_callbacks import (
     UsageTracker,
 )
 from usage_callbacks.store.models import SCHEMA_VERSION
+from usage_callbacks.store.spill import SpillFile
 
 WRITER = """
 import sys
@@ -208,11 +209,11 @@ def test_records_made_after_the_database_directory_is_deleted_are_kept(
         after = {tracker.record(TokenUsage(prompt_tokens=2)).id for _ in range(300)}
         assert not tracker.flush(timeout=0.5)
         assert "usage.db was deleted with its directory" in caplog.text
-        assert spill.exists()  # beyond max_buffer, kept on disk meanwhile
+        assert SpillFile(spill).exists()  # beyond max_buffer, kept on disk meanwhile
         directory.mkdir()
         assert tracker.flush(timeout=30)
         deadline = time.monotonic() + 30
-        while spill.exists() and time.monotonic() < deadline:  # re-ingested
+        while SpillFile(spill).exists() and time.monotonic() < deadline:  # re-ingested
             time.sleep(0.05)
         assert {record.id for record in tracker.records()} == after
 

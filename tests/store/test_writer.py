@@ -31,14 +31,17 @@ class _RecordingStore:
             self.batches.append([record.id for record in records])
 
 
-def _spilled_ids(spill: SpillFile) -> list[str]:
-    """A drain that failed leaves its file aside; appends go on in a new one."""
-    return [
-        record.id
-        for path in (spill.draining, spill.path)
-        if path.exists()
-        for record in read_records(path)
-    ]
+def _spilled_ids(spill: SpillFile) -> set[str]:
+    """A drain moves the file aside (and leaves it there when it fails) while appends go
+    on in a new one: read in the order it moves, a record moved meanwhile is read twice,
+    never missed."""
+    ids: set[str] = set()
+    for path in (spill.path, spill.draining):
+        try:
+            ids.update(record.id for record in read_records(path))
+        except FileNotFoundError:  # not there, or moved aside meanwhile
+            continue
+    return ids
 
 
 def test_full_batches_are_written_without_waiting_for_the_age_bound() -> None:
@@ -51,7 +54,8 @@ def test_full_batches_are_written_without_waiting_for_the_age_bound() -> None:
     while sum(map(len, store.batches)) < 30 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [len(batch) for batch in store.batches] == [10, 10, 10]
-    assert [i for batch in store.batches for i in batch] == [r.id for r in records]
+    # a burst that keeps the GIL may send a batch through the spill file: not in order
+    assert sorted(i for batch in store.batches for i in batch) == sorted(r.id for r in records)
     writer.close()
 
 
@@ -196,8 +200,8 @@ def test_callers_never_wait_for_a_stalled_store_and_every_record_arrives(
     caller.join(timeout=20)
     try:
         assert not caller.is_alive()  # every submit returned while the store was stalled
-        assert writer.pending <= 3 * 5  # in memory: the batch in flight and the next
-        assert len(list(read_records(spill.path))) >= 100 - 3 * 5
+        assert writer.pending <= 3 * 5  # in memory: the batch in flight and two queued
+        assert len(_spilled_ids(spill)) >= 100 - 3 * 5
     finally:
         stalled.set()
     assert writer.flush(timeout=30)  # flush() reads back the spill file too
@@ -355,7 +359,7 @@ def test_the_next_writer_on_a_database_writes_what_dead_processes_spilled(
         check=True,
     )
     dead_spill = SpillFile(Path(dead.stdout.strip()))
-    spilled = set(_spilled_ids(dead_spill))
+    spilled = _spilled_ids(dead_spill)
     assert len(spilled) >= 30
     alive = subprocess.Popen(
         [sys.executable, "-c", ORPHAN_MAKER, identity, "20"],

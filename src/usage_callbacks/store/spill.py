@@ -74,7 +74,8 @@ class SpillFile:
         return len(lines)
 
     def exists(self) -> bool:
-        return any(path.exists() and path.stat().st_size > 0 for path in (self.draining, self.path))
+        # in the order a drain moves the file: a check that races it still finds it
+        return any(path.exists() and path.stat().st_size > 0 for path in (self.path, self.draining))
 
     def drain(self, store: _Writable, batch_size: int = 1000) -> int:
         """Write the spilled records to ``store`` and delete what was written: the file
