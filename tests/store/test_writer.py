@@ -31,6 +31,19 @@ class _RecordingStore:
             self.batches.append([record.id for record in records])
 
 
+def _stall(store: _RecordingStore) -> threading.Event:
+    """Make ``store``'s writes wait (healthy, but slow) until the event returned is set."""
+    stalled = threading.Event()
+    write = store.write
+
+    def stalled_write(records: Sequence[UsageRecord]) -> None:
+        stalled.wait(60)
+        write(records)
+
+    store.write = stalled_write  # type: ignore[method-assign]
+    return stalled
+
+
 def _spilled_ids(spill: SpillFile) -> set[str]:
     """A drain moves the file aside (and leaves it there when it fails) while appends go
     on in a new one: read in the order it moves, a record moved meanwhile is read twice,
@@ -179,19 +192,12 @@ def test_spill_files_round_trip_every_field(tmp_path: Path) -> None:
 def test_callers_never_wait_for_a_stalled_store_and_every_record_arrives(
     tmp_path: Path,
 ) -> None:
-    """A healthy store slower than its callers: the queue stays within a batch and the
-    rest goes to the spill file, while the callers go on. Callers used to wait for the
-    writer, up to 2 s for each batch beyond the first (here 38 s); nothing failed, yet
-    all records arrive, each once."""
+    """A healthy store slower than its callers: the queue stays within two batches and
+    the rest goes to the spill file, while the callers go on. Callers used to wait for
+    the writer, up to 2 s for each batch beyond the first (here 38 s); nothing failed,
+    yet all records arrive, each once."""
     store = _RecordingStore()
-    stalled = threading.Event()
-    slow_write = store.write
-
-    def write(records: Sequence[UsageRecord]) -> None:
-        stalled.wait(60)
-        slow_write(records)
-
-    store.write = write  # type: ignore[method-assign]
+    stalled = _stall(store)
     spill = SpillFile(tmp_path / "spill.jsonl")
     writer = BatchWriter(store, batch_size=5, max_delay=3600, max_buffer=5, spill=spill)
     records = [UsageRecord() for _ in range(100)]
@@ -247,14 +253,7 @@ def test_a_refused_record_in_the_spill_file_holds_back_none_of_the_others(
     the store refuses used to fail the whole re-ingestion, leaving the rest on disk."""
     records = [UsageRecord() for _ in range(40)]
     store = _PickyStore(set(), ValueError("value too long"))
-    stalled = threading.Event()
-    picky_write = store.write
-
-    def write(batch: Sequence[UsageRecord]) -> None:
-        stalled.wait(60)
-        picky_write(batch)
-
-    store.write = write  # type: ignore[method-assign]
+    stalled = _stall(store)
     spill = SpillFile(tmp_path / "s.jsonl")
     writer = BatchWriter(store, batch_size=5, max_delay=3600, spill=spill)
     for record in records:
