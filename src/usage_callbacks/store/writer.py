@@ -12,11 +12,11 @@ holding it queues on for up to 5 ms, so with one a caller spilled nearly every b
 A caller that would queue more moves the oldest batch to the spill file itself (a local
 append: ~1 ms for 500 records), and the writer re-ingests the file before its next batch.
 So a killed process loses at most the batch being written, the two queued and a batch
-per thread on its way to the file; the next
-tracker on the database writes what its spill file holds (``orphans.py``). With
-``max_buffer`` queued, SIGKILL at saturation lost 10,000; bounding the queue by making
-callers wait for the writer stalled them for up to 2 s. While the store fails, up to
-``max_buffer`` records wait in memory before the oldest spill.
+per thread on its way to the file; the next tracker on the database writes what its
+spill file holds (``orphans.py``). With ``max_buffer`` queued, SIGKILL at saturation
+lost 10,000; bounding the queue by making callers wait for the writer stalled them for
+up to 2 s. While the store fails, up to ``max_buffer`` records wait in memory before
+the oldest spill.
 
 When the store refuses a batch for its values (a row it cannot take), the batch is
 written record by record and the refused ones are set aside in a ``.rejected.jsonl``
