@@ -371,6 +371,9 @@ def test_the_next_writer_on_a_database_writes_what_dead_processes_spilled(
         alive_spill = SpillFile(Path(alive.stdout.readline().strip()))
         alive_count = len(_spilled_ids(alive_spill))
         assert alive_count >= 10
+        away = _RecordingStore(failures=10**6)  # the store away at start: left for the next
+        BatchWriter(away, batch_size=5, store_identity=identity).close(timeout=10)
+        assert _spilled_ids(dead_spill) == spilled
         store = _RecordingStore()
         writer = BatchWriter(store, batch_size=5, max_delay=3600, store_identity=identity)
         assert writer.flush(timeout=30)  # waits for the adoption
@@ -408,8 +411,9 @@ def test_a_steady_caller_holding_the_gil_spills_nothing(
     batch allowed beside the one in flight, nearly every batch went to the spill file."""
     store = _RecordingStore()
     spill = SpillFile(tmp_path / "spill.jsonl")
-    writer = BatchWriter(store, batch_size=200, max_delay=3600, spill=spill)
-    records = [UsageRecord() for _ in range(2000)]
+    # 500 records (~100 ms) of slack for the writer to be scheduled, on a loaded machine
+    writer = BatchWriter(store, batch_size=500, max_delay=3600, spill=spill)
+    records = [UsageRecord() for _ in range(3000)]
     with caplog.at_level(logging.INFO, logger="usage_callbacks"):
         for record in records:
             writer.submit(record)

@@ -712,7 +712,9 @@ class UsageEventHandler(BaseEventHandler):
         if isinstance(event, _START_EVENTS):
             try:
                 self._start(event)
-            except Exception:
+            except Exception:  # the dispatcher does not guard its handlers: an error would
+                # break the user's call; nothing is refused here (enforce=False: budgets are
+                # held by the CallbackManager enforcer), so a failure costs only this record
                 logger.warning("usage tracking failed on %s", type(event).__name__, exc_info=True)
 
     def _start(self, event: BaseEvent) -> None:
@@ -774,7 +776,7 @@ class _CallEvents(BaseEventHandler):
                 _end_in_span(event.span_id or "", chunks=event.chunks)
             elif isinstance(event, ExceptionEvent):
                 _end_in_span(event.span_id or "", error=event.exception)
-        except Exception:
+        except Exception:  # as in UsageEventHandler.handle: never break the user's call
             logger.warning("usage tracking failed on %s", type(event).__name__, exc_info=True)
 
 
